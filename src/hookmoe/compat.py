@@ -1,0 +1,98 @@
+"""Everything that depends on the installed transformers version lives here, and only here.
+
+Facts checked against transformers 5.17 and 5.23 (see DESIGN.md §2):
+
+* Routers return a 3-tuple of (router logits, top-k weights, top-k indices) — except Granite-MoE on 5.17,
+  which returns (indices, weights, logits). Instead of a version table we recognise the parts by dtype and
+  shape (indices are integer, logits have one column per expert) and give the tuple back in the order we
+  received it, so both layouts work.
+* A dropped top-k slot costs nothing on the ``grouped_mm`` experts path when it carries the sentinel
+  expert index ``num_experts``: the sort pushes it to the tail and ``histc`` leaves it out of the group
+  offsets. 5.17 always masks the uninitialised sentinel rows; 5.23 only when ``experts._is_expert_parallel``
+  is set, so we set it while a plan that drops slots is applied. Other paths (``eager``, ``batched_mm``)
+  crash on or compute sentinel rows, so there a dropped slot keeps a valid index with weight 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+MIN_TRANSFORMERS = Version("5.17.0")
+
+
+def check_transformers() -> None:
+    if TRANSFORMERS_VERSION < MIN_TRANSFORMERS:
+        raise RuntimeError(
+            f"hookmoe needs transformers >= {MIN_TRANSFORMERS}, found {TRANSFORMERS_VERSION}; "
+            "run `pip install -U 'transformers>=5.17'`"
+        )
+
+
+@dataclass
+class RouterOutput:
+    """A router's output with its parts named, plus the slots they came from."""
+
+    logits: torch.Tensor | None
+    weights: torch.Tensor
+    index: torch.Tensor
+    order: tuple[int, int, int]  # positions of (logits, weights, index) in the original tuple
+
+    def pack(self, weights: torch.Tensor, index: torch.Tensor) -> tuple:
+        out: list = [None, None, None]
+        out[self.order[0]] = self.logits
+        out[self.order[1]] = weights
+        out[self.order[2]] = index
+        return tuple(out)
+
+
+def split_router_output(out: tuple, num_experts: int) -> RouterOutput:
+    if not isinstance(out, tuple) or len(out) != 3:
+        raise RuntimeError(f"unexpected router output (expected a 3-tuple, got {type(out).__name__})")
+    int_pos = [i for i, t in enumerate(out) if torch.is_tensor(t) and not t.is_floating_point()]
+    if len(int_pos) != 1:
+        raise RuntimeError("unexpected router output: cannot find the top-k indices")
+    i_idx = int_pos[0]
+    k = out[i_idx].shape[-1]
+    rest = [i for i in range(3) if i != i_idx]
+    # weights have the top-k width; logits have one column per expert (prefer the non-top-k one)
+    w_pos = [i for i in rest if out[i].shape[-1] == k]
+    if len(w_pos) == 2:  # k == num_experts: ambiguous, use the documented layout
+        i_log, i_w = (0, 1) if i_idx == 2 else (2, 1)
+    elif len(w_pos) == 1:
+        i_w = w_pos[0]
+        i_log = [i for i in rest if i != i_w][0]
+    else:
+        raise RuntimeError("unexpected router output: cannot find the top-k weights")
+    return RouterOutput(out[i_log], out[i_w], out[i_idx], (i_log, i_w, i_idx))
+
+
+def experts_implementation(model) -> str:
+    return getattr(model.config, "_experts_implementation", None) or "eager"
+
+
+def sentinel_skips(experts_impl: str) -> bool:
+    """Whether a slot with index == num_experts is skipped (not computed) by this experts path."""
+    return experts_impl == "grouped_mm"
+
+
+def enable_sentinels(experts: torch.nn.Module) -> object:
+    """Make the grouped_mm path mask sentinel rows; returns the previous state for :func:`restore_sentinels`."""
+    prev = getattr(experts, "_is_expert_parallel", None)
+    if prev is not None:
+        experts._is_expert_parallel = True
+    return prev
+
+
+def restore_sentinels(experts: torch.nn.Module, prev: object) -> None:
+    if prev is not None:
+        experts._is_expert_parallel = prev
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. gradient-checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
