@@ -49,7 +49,7 @@ def load_model(model: str, plan: Optional[str] = None, hook: Optional[Path] = No
     return load(model, plan=plan, hook=hook, device=device, dtype=dtype, seed=seed)
 
 
-def act_table(per_layer: dict, plan_per_layer: dict | None = None, title: str = "Activated experts per token") -> Table:
+def act_table(per_layer: dict, plan_per_layer: dict | None = None, title: str = "Act per layer") -> Table:
     t = Table(title=title)
     t.add_column("layer", justify="right")
     if plan_per_layer:
@@ -108,7 +108,10 @@ def generate(model: str = typer.Argument(..., help=MODEL_HELP),
     if as_json is not None and str(as_json) == "-":
         write_json(result, None)
         return
-    console.print(f"[bold]{prompt}[/bold]{text}", highlight=False)
+    shown = "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text)
+    from rich.text import Text
+
+    console.print(Text.assemble((prompt, "bold"), shown))
     console.print(act_table(per_layer, patch.per_layer()))
     console.print(f"overall Act = {result['act']:.3f} (native k = {mm.native_top_k})")
     if as_json is not None:

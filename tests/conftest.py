@@ -1,0 +1,31 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "granitemoe", "gpt_oss"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Loaded tiny models, shared across tests (tests must leave them un-patched)."""
+    from hookmoe.models import load
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = load(f"tiny:{arch}", device="cpu")
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture
+def ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(2, 259, (2, 16), generator=g)
