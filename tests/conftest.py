@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# tests never write into the user's cache
+os.environ["HOOKMOE_CACHE"] = tempfile.mkdtemp(prefix="hookmoe-test-cache-")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "granitemoe", "gpt_oss"]

@@ -60,7 +60,7 @@ import operator
 import os
 import re
 import sys
-import tempfile
+import uuid
 import warnings
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable, Iterator, Sequence
@@ -70,6 +70,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from .errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -94,8 +96,11 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
-    """Bad data input (unknown source, missing file, too little text, ...); the message is one sentence."""
+class DataError(UserError):
+    """Bad data input (unknown source, missing file, too little text, ...); the message is one sentence.
+
+    A :class:`~hookmoe.errors.UserError`, hence a ``ValueError``.
+    """
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +114,6 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet",)
-_SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 
 #: A streamed source read by :func:`load_documents` without ``max_docs`` stops here (with a warning).
 MAX_STREAMED_DOCS = 100_000
@@ -178,7 +182,8 @@ _RE_TAIL_SECTION = re.compile(
     r"|bibliography|sources|footnotes|citations)\s*==+\s*$",
     re.I | re.M,
 )
-_RE_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+# Innermost links first; single brackets may appear inside (captions like "Bicyclo[1.1.0]butane").
+_RE_LINK = re.compile(r"\[\[((?:[^\[\]]|\[(?!\[)|\](?!\]))*)\]\]")
 _RE_EXTERNAL = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]+(?:\s+([^\]]*))?\]")
 _RE_QUOTES = re.compile(r"'{2,}")
 _RE_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.M)
@@ -257,7 +262,8 @@ def clean_wikitext(markup: str) -> str:
 # The built-in offline corpus
 # ---------------------------------------------------------------------------------------------
 
-# Pure-Python, platform-independent standard-library modules with good docstrings. Fixed order.
+# Standard-library modules with good docstrings whose public members do not depend on the OS
+# (no webbrowser, selectors, subprocess, socketserver, ...). Fixed order.
 _DOC_MODULES = (
     "abc argparse ast asyncio.base_events asyncio.events asyncio.locks asyncio.queues asyncio.streams "
     "asyncio.tasks base64 bdb bisect calendar cmd code codecs collections collections.abc colorsys "
@@ -268,10 +274,17 @@ _DOC_MODULES = (
     "importlib.resources inspect ipaddress json json.decoder json.encoder keyword linecache logging "
     "logging.config logging.handlers lzma mailbox mimetypes numbers operator optparse pathlib pdb "
     "pickle pickletools pkgutil plistlib poplib pprint profile pstats queue quopri random re reprlib "
-    "sched secrets selectors shelve shlex shutil smtplib socketserver statistics string subprocess "
+    "sched secrets shelve shlex shutil smtplib statistics string "
     "tarfile tempfile textwrap threading timeit tokenize tomllib trace traceback types typing "
     "unittest.case unittest.mock unittest.suite urllib.parse urllib.request uuid warnings wave "
-    "weakref xml.dom.minidom xml.etree.ElementTree xml.sax.handler zipfile zipimport zoneinfo"
+    "weakref xml.dom.minidom xml.etree.ElementTree xml.sax.handler zipfile zipimport zoneinfo "
+    "builtins itertools math cmath struct array binascii codeop compileall py_compile pyclbr runpy "
+    "symtable tabnanny zipapp modulefinder pydoc asyncio.futures asyncio.protocols "
+    "asyncio.subprocess asyncio.transports concurrent.futures.process concurrent.futures.thread "
+    "email.headerregistry email.policy email.feedparser email.generator email.header email.charset "
+    "multiprocessing.pool multiprocessing.managers multiprocessing.queues "
+    "unittest.loader unittest.result unittest.runner wsgiref.handlers wsgiref.simple_server "
+    "xmlrpc.client xmlrpc.server xml.dom.pulldom xml.sax.saxutils sqlite3.dbapi2"
 ).split()
 _MIN_DOCSTRING = 150  # characters; shorter docstrings are mostly signatures and one-liners
 
@@ -302,6 +315,16 @@ def _defined_in(obj: Any, module_name: str) -> bool:
         return False
 
 
+def _method_of(member: Any, cls: type, module_name: str) -> bool:
+    """Whether a class attribute is the class's own code, not a function patched in by another library
+    (transformers adds ``logging.Logger.warning_once``, for example), so the corpus does not depend on
+    what was imported before it."""
+    function = member.fget if isinstance(member, property) else member
+    if hasattr(function, "__module__"):
+        return _defined_in(function, module_name)
+    return getattr(function, "__objclass__", None) is cls  # methods of C classes
+
+
 @functools.lru_cache(maxsize=None)
 def _stdlib_docstrings() -> tuple[str, ...]:
     """One document per module: its docstring and those of its public classes, methods and functions."""
@@ -320,7 +343,7 @@ def _stdlib_docstrings() -> tuple[str, ...]:
                 doc = _own_docstring(obj)
                 if doc is not None and doc not in seen:
                     seen.add(doc)
-                    parts.append(f"{title}\n{doc}")
+                    parts.append(f"{title}\n{doc.strip()}")
 
             take(f"Module {module_name}", module)
             for name, obj in sorted(vars(module).items()):
@@ -333,7 +356,9 @@ def _stdlib_docstrings() -> tuple[str, ...]:
                             continue
                         if isinstance(member, (staticmethod, classmethod)):
                             member = member.__func__
-                        if inspect.isroutine(member) or isinstance(member, property):
+                        if (inspect.isroutine(member) or isinstance(member, property)) and _method_of(
+                            member, obj, module_name
+                        ):
                             take(f"{module_name}.{name}.{member_name}", member)
                 elif inspect.isroutine(obj):
                     take(f"{module_name}.{name}", obj)
@@ -388,8 +413,8 @@ def _gensim_file(name: str, src: str, required: bool) -> Path | None:
         return path
     if required:
         raise DataError(
-            f"'{src}' reads English text shipped with gensim, which is not installed here "
-            "(`pip install gensim`), or use 'builtin:pydoc', which needs nothing."
+            f"'{src}' needs the English text shipped with gensim, which is not installed; "
+            "install it with `pip install gensim` or use 'builtin:pydoc'."
         )
     return None
 
@@ -437,7 +462,8 @@ class _HubSpec:
     fallback: _HubSpec | None = None
 
     def describe(self) -> str:
-        configs = ",".join(c for c in self.configs if c)
+        named = [c for c in self.configs if c]
+        configs = ",".join(named) if len(named) <= 2 else f"{len(named)} configs"
         return f"{self.dataset}" + (f" ({configs})" if configs else "") + f" split {self.split}"
 
 
@@ -518,11 +544,19 @@ def _iter_hub(spec: _HubSpec, shuffle_seed: int | None) -> Iterator[str]:
     except (DataError, GeneratorExit):
         raise
     except Exception as error:
-        if spec.fallback is not None and not yielded:
-            yield from _iter_hub(spec.fallback, shuffle_seed)
-            return
         reason = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
-        raise DataError(f"Could not stream hub dataset {spec.describe()} ({reason}).") from error
+        if spec.fallback is None or yielded:
+            raise DataError(f"Could not stream hub dataset {spec.describe()} ({reason}).") from error
+        fallback_failed: DataError | None = None
+        try:
+            yield from _iter_hub(spec.fallback, shuffle_seed)
+        except DataError as fallback_error:
+            fallback_failed = fallback_error
+        if fallback_failed is not None:
+            raise DataError(
+                f"Could not stream hub dataset {spec.describe()} ({reason}), and the fallback failed too: "
+                f"{str(fallback_failed)[0].lower()}{str(fallback_failed)[1:]}"
+            ) from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,7 +708,7 @@ class _Source:
             texts = _iter_hub(self.hub, shuffle_seed)
         else:
             texts = itertools.chain.from_iterable(_iter_file(file, self.text_field) for file in self.files)
-        return (text for text in texts if text)
+        return (stripped for stripped in (text.strip() for text in texts) if stripped)
 
     def fingerprint(self) -> dict[str, Any]:
         """What determines this source's documents, for cache keys."""
@@ -871,7 +905,8 @@ def _tokenize_stream(
     for document in documents:
         batch.append(document)
         batch_chars += len(document)
-        chars_per_token = chars_seen / tokens_seen if tokens_seen else 4.0
+        # Until measured, assume 1 character per token (byte-level), so the first batch cannot overshoot.
+        chars_per_token = chars_seen / tokens_seen if tokens_seen else 1.0
         wanted_chars = (target - total) * chars_per_token * 1.1
         if len(batch) >= 512 or batch_chars >= min(max(wanted_chars, 1), 2_000_000):
             flush()
@@ -912,11 +947,10 @@ def _load_cached(path: Path, key: str, shape: tuple[int, int]) -> torch.Tensor |
 def _save_cached(path: Path, key: str, blocks: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    temporary = None
+    # Written under a unique name next to the target, then renamed: readers never see half a file.
+    temporary: str | None = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
-        os.close(handle)
         save_file({"blocks": blocks.contiguous()}, temporary, metadata={"hookmoe_key": key})
         os.replace(temporary, path)
         temporary = None
@@ -1000,7 +1034,6 @@ def make_blocks(
             "format": _FORMAT_VERSION,
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "source": source.fingerprint(),
-            "src": src if source.streamed or source.builtin else None,
             "n_blocks": n_blocks,
             "block_len": block_len,
             "seed": seed,
@@ -1021,7 +1054,6 @@ def make_blocks(
         documents: Iterable[str] = (
             text for text in source.documents(shuffle_seed=seed) if _in_streamed_split(text, split, fraction)
         )
-        n_documents = None
     else:
         all_documents = list(source.documents())
         if not all_documents:
@@ -1031,18 +1063,17 @@ def make_blocks(
             raise _split_error(src, split, len(_dedupe(all_documents)), fraction)
         order = _rng(seed, "documents").permutation(len(selected))
         documents = (selected[i] for i in order)
-        n_documents = len(selected)
 
     needed = n_blocks * window
     with _progress_bar(progress, f"Tokenising {src} ({split})", TOKEN_OVERSAMPLE * needed) as update:
         stream = _tokenize_stream(tokenizer, documents, TOKEN_OVERSAMPLE * needed, update)
     n_windows = len(stream) // window
     if n_windows < n_blocks:
-        if n_documents is None and len(stream) == 0:
+        if len(stream) == 0:  # a streamed source whose split held nothing
             raise DataError(f"The {split} split of '{src}' yielded no text.")
         raise DataError(
             f"The {split} split of '{src}' holds only {len(stream):,} tokens ({n_windows} windows of {window}), "
-            f"but {n_blocks} blocks of {block_len} tokens need {needed:,}; ask for fewer or shorter blocks, "
+            f"but {n_blocks} blocks of {block_len} tokens need {needed:,} tokens of text; ask for fewer or shorter blocks, "
             "or use more data."
         )
     chosen = _rng(seed, "windows").choice(n_windows, size=n_blocks, replace=False)
@@ -1093,3 +1124,224 @@ def iter_batches(
     order = order.to(blocks.device)
     for index in range(start, total):
         yield blocks.index_select(0, order[index * batch_size : (index + 1) * batch_size])
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MCItem:
+    """One multiple-choice question: score ``context + continuation(i)`` for each choice ``i``.
+
+    ``label`` is the 0-based index of the correct choice. Construction validates the item and
+    raises :class:`DataError` when it is unusable.
+    """
+
+    context: str
+    choices: list[str]
+    label: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.context, str) or not self.context.strip():
+            raise DataError("A multiple-choice item needs a non-empty context.")
+        if not isinstance(self.choices, list) or len(self.choices) < 2:
+            count = len(self.choices) if isinstance(self.choices, list) else 0
+            raise DataError(f"A multiple-choice item needs at least 2 choices, got {count}.")
+        if not all(isinstance(choice, str) and choice.strip() for choice in self.choices):
+            raise DataError("Every choice of a multiple-choice item must be non-empty text.")
+        if isinstance(self.label, bool) or not isinstance(self.label, int) or not 0 <= self.label < len(self.choices):
+            raise DataError(f"Label {self.label!r} is not the index of one of the {len(self.choices)} choices.")
+
+    def continuation(self, index: int) -> str:
+        """Choice ``index`` as appended to the context: with a separating space unless one is there."""
+        choice = self.choices[index]
+        if self.context[-1].isspace() or choice[0].isspace():
+            return choice
+        return " " + choice
+
+
+_MC_CONTEXT_KEYS = ("context", "question", "query", "ctx", "question_stem", "input")
+_MC_CHOICE_KEYS = ("choices", "endings", "options")
+_MC_LABEL_KEYS = ("label", "answer", "gold", "answerKey")
+
+
+def _first_key(record: dict[str, Any], keys: Sequence[str], what: str, where: str) -> Any:
+    for key in keys:
+        if key in record:
+            return record[key]
+    fields = ", ".join(sorted(map(str, record))) or "none"
+    raise DataError(f"{where} has no {what} field ({' / '.join(keys)}); its fields: {fields}.")
+
+
+def _mc_choices(raw: Any, where: str) -> tuple[list[str], list[str] | None]:
+    """Choice texts and, when the data names them (A, B, ...), their labels."""
+    if isinstance(raw, dict) and "text" in raw:
+        texts, names = raw["text"], raw.get("label")
+    elif isinstance(raw, list) and raw and all(isinstance(c, dict) and "text" in c for c in raw):
+        texts, names = [c["text"] for c in raw], [c.get("label") for c in raw]
+    else:
+        texts, names = raw, None
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{where}: choices must be a list of strings.")
+    if names is not None and (len(names) != len(texts) or not all(isinstance(n, str) for n in names)):
+        names = None
+    return texts, names
+
+
+def _mc_label(raw: Any, choices: list[str], names: list[str] | None, where: str) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        value = raw.strip()
+        if names is not None and value in names:
+            return names.index(value)
+        if value in choices:
+            return choices.index(value)
+        if value.lstrip("-").isdigit():
+            return int(value)
+        if len(value) == 1 and "A" <= value.upper() <= "Z":
+            return ord(value.upper()) - ord("A")
+    raise DataError(f"{where}: cannot read the label {raw!r} as a choice index, letter or choice text.")
+
+
+def _mc_record(record: Any, where: str) -> MCItem:
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is {type(record).__name__}, expected an object with context, choices and label.")
+    context = _first_key(record, _MC_CONTEXT_KEYS, "context", where)
+    choices, names = _mc_choices(_first_key(record, _MC_CHOICE_KEYS, "choices", where), where)
+    label = _mc_label(_first_key(record, _MC_LABEL_KEYS, "label", where), choices, names, where)
+    if not isinstance(context, str):
+        raise DataError(f"{where}: the context must be text.")
+    try:
+        return MCItem(context, choices, label)
+    except DataError as error:
+        raise DataError(f"{where}: {error}") from None
+
+
+def _bigbench_items(task: dict[str, Any], where: str) -> list[MCItem]:
+    examples = task.get("examples")
+    if not isinstance(examples, list):
+        raise DataError(f"{where} has no list of examples.")
+    items = []
+    for number, example in enumerate(examples):
+        scores = example.get("target_scores") if isinstance(example, dict) else None
+        if not scores:
+            continue  # generative examples have no choices
+        if not isinstance(scores, dict) or not all(isinstance(v, (int, float)) for v in scores.values()):
+            raise DataError(f"{where}, example {number}: target_scores must map choices to numbers.")
+        choices = list(scores)
+        best = max(range(len(choices)), key=lambda i: (scores[choices[i]], -i))
+        try:
+            items.append(MCItem(example.get("input", ""), choices, best))
+        except DataError as error:
+            raise DataError(f"{where}, example {number}: {error}") from None
+    return items
+
+
+def load_mc(path: str | Path) -> list[MCItem]:
+    """Multiple-choice items from a JSONL file, a JSON list, or a BIG-bench ``task.json`` (file or task folder).
+
+    JSONL/JSON records need a context (``context``/``question``/``query``/``ctx``), choices
+    (``choices``/``endings``/``options``; a list, or ``{"text": [...], "label": [...]}``) and a label
+    (``label``/``answer``/``gold``/``answerKey``: a 0-based index, a choice letter, or the choice
+    text). BIG-bench examples use ``input`` and ``target_scores``; the best-scored choice is the
+    label and examples without ``target_scores`` are skipped.
+    """
+    file = Path(path).expanduser()
+    if file.is_dir() and (file / "task.json").is_file():
+        file = file / "task.json"
+    if not file.is_file():
+        raise DataError(f"Multiple-choice file not found: {path}.")
+    kind = _file_kind(file)
+    items: list[MCItem] = []
+    if kind == "jsonl":
+        with _open_text(file) as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{file}, line {number} is not valid JSON ({error.msg}).") from None
+                items.append(_mc_record(record, f"{file}, line {number}"))
+    elif kind == "json":
+        with _open_text(file) as handle:
+            try:
+                content = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{file} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+        if isinstance(content, dict) and "examples" in content:
+            items = _bigbench_items(content, str(file))
+        elif isinstance(content, list):
+            items = [_mc_record(record, f"{file}, item {n}") for n, record in enumerate(content)]
+        else:
+            raise DataError(f"{file} is neither a BIG-bench task (with 'examples') nor a list of items.")
+    else:
+        raise DataError(f"{file} is not a multiple-choice file; use .jsonl, a JSON list, or a BIG-bench task.json.")
+    if not items:
+        raise DataError(f"{file} contains no multiple-choice items.")
+    return items
+
+
+_RE_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_RE_PROSE_SENTENCE = re.compile(r"[A-Z][A-Za-z0-9 ,;'\-]*[a-z][A-Za-z0-9 ,;'\-]*\.")
+
+
+@functools.lru_cache(maxsize=8)
+def _mc_sentences(src: str, split: str) -> tuple[tuple[str, str], ...]:
+    """(first part, rest) of every clean prose sentence of 10-40 words in ``src``'s ``split``."""
+    pairs = []
+    seen: set[str] = set()
+    for document in split_documents(load_documents(src), split):
+        for paragraph in re.split(r"\n\s*\n", document):
+            if re.search(r"^\s{2,}\S", paragraph, re.M):  # indented code or tables
+                continue
+            for sentence in _RE_SENTENCE_END.split(" ".join(paragraph.split())):
+                words = sentence.split()
+                if not 10 <= len(words) <= 40 or sentence in seen or not _RE_PROSE_SENTENCE.fullmatch(sentence):
+                    continue
+                seen.add(sentence)
+                cut = max(4, (len(words) * 11) // 20)
+                pairs.append((" ".join(words[:cut]), " ".join(words[cut:])))
+    return tuple(pairs)
+
+
+def builtin_mc(n: int, seed: int = 0, *, n_choices: int = 4, src: str = "builtin", split: str = "heldout") -> list[MCItem]:
+    """An offline multiple-choice sanity set: which continuation completes this sentence?
+
+    Each item's context is the first ~55% of a real sentence from ``split`` of ``src`` (by default
+    the held-out part of the built-in corpus, so a Hook trained on ``builtin`` never saw it); the
+    correct choice is the rest of that sentence, the distractors the rests of other sentences of
+    similar length. Deterministic given ``seed``.
+    """
+    n = _as_int(n, "n", 1)
+    n_choices = _as_int(n_choices, "n_choices", 2)
+    seed = _as_int(seed, "seed")
+    pairs = _mc_sentences(src, split)
+    if len(pairs) < max(n, n_choices):
+        raise DataError(
+            f"The {split} split of '{src}' has {len(pairs)} usable sentences, too few for {n} items "
+            f"with {n_choices} choices; ask for fewer items or use split='all'."
+        )
+    rng = _rng(seed, "mc")
+    lengths = np.array([len(rest.split()) for _, rest in pairs])
+    items = []
+    for index in rng.permutation(len(pairs))[:n]:
+        context, answer = pairs[index]
+        similar = np.flatnonzero(np.abs(lengths - lengths[index]) <= max(2, lengths[index] // 3))
+        distractors: list[str] = []
+        for pool in (similar, np.arange(len(pairs))):
+            for other in rng.permutation(pool):
+                rest = pairs[other][1]
+                if other != index and rest != answer and rest not in distractors:
+                    distractors.append(rest)
+                    if len(distractors) == n_choices - 1:
+                        break
+            if len(distractors) == n_choices - 1:
+                break
+        label = int(rng.randint(n_choices))
+        choices = distractors[:label] + [answer] + distractors[label:]
+        items.append(MCItem(context, choices, label))
+    return items
