@@ -49,6 +49,16 @@ def load_model(model: str, plan: Optional[str] = None, hook: Optional[Path] = No
     return load(model, plan=plan, hook=hook, device=device, dtype=dtype, seed=seed)
 
 
+def default_plan(mm, plan: Optional[str]):
+    """The plan to run: the one asked for, else an attached hook's training plan, else native."""
+    if plan is not None:
+        return plan
+    from .hook import get_hooks
+
+    hs = get_hooks(mm)
+    return hs.plan if hs is not None and hs.plan is not None else "native"
+
+
 def act_table(per_layer: dict, plan_per_layer: dict | None = None, title: str = "Act per layer") -> Table:
     t = Table(title=title)
     t.add_column("layer", justify="right")
@@ -86,7 +96,7 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP),
 @app.command()
 def generate(model: str = typer.Argument(..., help=MODEL_HELP),
              prompt: str = typer.Option(..., help="prompt text"),
-             plan: str = typer.Option("native", help=PLAN_HELP),
+             plan: Optional[str] = typer.Option(None, help=PLAN_HELP + " (default: the hook's plan, else native)"),
              hook: Optional[Path] = typer.Option(None, help="hook artifact directory"),
              max_new_tokens: int = typer.Option(32, min=1, help="tokens to generate"),
              device: str = typer.Option("auto"),
@@ -96,7 +106,7 @@ def generate(model: str = typer.Argument(..., help=MODEL_HELP),
     import torch
 
     mm = load_model(model, hook=hook, device=device, dtype=dtype)
-    with mm.routing(plan) as patch:
+    with mm.routing(default_plan(mm, plan)) as patch:
         enc = mm.encode(prompt)
         with torch.no_grad():
             out = mm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,

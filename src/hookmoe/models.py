@@ -522,12 +522,25 @@ def _register_converted_type() -> None:
 
 
 def _load_tokenizer(spec: str):
+    """The model's tokenizer; falls back to the class named in tokenizer_config.json (AutoTokenizer maps
+    some model types to tokenizers other than the one saved, e.g. hookmoe's byte-level tiny tokenizer)."""
+    import transformers
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    cfg = Path(spec) / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            name = json.loads(cfg.read_text()).get("tokenizer_class")
+            cls = getattr(transformers, name or "", None)
+            if cls is not None:
+                return cls.from_pretrained(spec)
+        except (OSError, ValueError, TypeError):
+            pass
+    return None
 
 
 def load(spec: str | nn.Module, *, plan: Any = None, hook: str | Path | None = None, tokenizer: Any = None,
