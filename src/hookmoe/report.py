@@ -1,0 +1,241 @@
+"""Tables (rich and markdown), JSON files and plots (PNG) for evaluations, sweeps, searches and comparisons.
+
+Plots use matplotlib's object API with the Agg canvas (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+# --------------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------------
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if abs(v) >= 1000:
+            return f"{v:,.1f}"
+        if v != 0 and abs(v) < 1e-3:
+            return f"{v:.{digits}g}"
+        return f"{v:.{digits}f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def fmt_score(result: dict) -> str:
+    s = result.get("score")
+    if s is None:
+        return "-"
+    if result.get("metric") in ("mc", "lm-eval"):
+        return f"{100 * s:.2f}%"
+    return f"{s:.3f}"
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    if x is None or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return "-"
+    return f"{100 * x:+.{digits}f}%"
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(o: Any):
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, Path):
+        return str(o)
+    try:
+        import torch
+
+        if isinstance(o, torch.Tensor):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(o)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------
+
+
+def results_table(results: Sequence[dict], title: str = "results"):
+    """A rich table: plan, score, Act, active params per evaluation result."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("plan")
+    t.add_column("hook")
+    t.add_column("metric")
+    t.add_column("score", justify="right")
+    t.add_column("Act", justify="right")
+    t.add_column("active params", justify="right")
+    t.add_column("detail")
+    t.add_column("time", justify="right")
+    for r in results:
+        hook = r.get("hook")
+        detail = ""
+        if r.get("metric") == "ppl":
+            detail = f"{r.get('tokens', 0):,} tokens"
+        elif r.get("metric") == "mc":
+            detail = f"acc_norm {100 * r.get('acc_norm', 0):.2f}%, {r.get('items')} items"
+        elif r.get("metric") == "lm-eval":
+            detail = ", ".join(f"{k} {100 * v['score']:.1f}" for k, v in r.get("tasks", {}).items()
+                               if v.get("score") is not None)
+        params = r.get("params", {})
+        t.add_row(r.get("plan", "?"), ("L" + ",".join(map(str, hook["layers"]))) if hook else "-",
+                  r.get("metric", "?"), fmt_score(r), f"{r.get('act', float('nan')):.3f}",
+                  f"{params.get('active', 0):,} / {params.get('total', 0):,}", detail,
+                  f"{r.get('time_s', 0):.1f}s")
+    return t
+
+
+def act_matrix(results: Sequence[dict], title: str = "Act per MoE layer (rule)"):
+    """A rich table with one row per MoE layer and one column per evaluated plan."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("layer", justify="right")
+    for i, r in enumerate(results):
+        t.add_column(f"{i + 1}: {r.get('plan', '?')}"[:40], justify="right")
+    layers = sorted({int(k) for r in results for k in r.get("act_per_layer", {})})
+    for layer in layers:
+        row = [str(layer)]
+        for r in results:
+            a = r.get("act_per_layer", {}).get(str(layer))
+            rule = r.get("rules", {}).get(str(layer), "")
+            row.append("-" if a is None else f"{a:.3f} ({rule})")
+        t.add_row(*row)
+    t.add_row("all", *[f"{r.get('act', float('nan')):.3f}" for r in results])
+    return t
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    def cell(x: Any) -> str:
+        s = x if isinstance(x, str) else fmt(x)
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(x) for x in row) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+
+
+def _figure(w: float = 6.0, h: float = 4.5):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def sweep_heatmap(rows: Sequence[dict], path: str | Path, *, title: str = "", label: str = "score",
+                  higher_is_better: bool = False, base: float | None = None) -> Path:
+    """The paper's Fig. 1: first reduced layer l (rows) x last reduced layer r (columns), colour = score."""
+    import numpy as np
+
+    ls = sorted({int(r["l"]) for r in rows})
+    rs = sorted({int(r["r"]) for r in rows})
+    grid = np.full((len(ls), len(rs)), np.nan)
+    for r in rows:
+        grid[ls.index(int(r["l"])), rs.index(int(r["r"]))] = float(r["score"])
+    fig = _figure(1.2 + 0.75 * len(rs), 1.0 + 0.6 * len(ls))
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = "viridis" if higher_is_better else "viridis_r"
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, origin="upper", aspect="auto")
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_xticks(range(len(rs)), [str(x) for x in rs])
+    ax.set_yticks(range(len(ls)), [str(x) for x in ls])
+    ax.set_xlabel("r (last layer with k-1)")
+    ax.set_ylabel("l (first layer with k-1)")
+    finite = grid[np.isfinite(grid)]
+    mid = float(finite.mean()) if finite.size else 0.0
+    for i in range(len(ls)):
+        for j in range(len(rs)):
+            v = grid[i, j]
+            if not math.isfinite(v):
+                continue
+            text = f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+            if base:
+                d = (v - base) / abs(base)
+                text += f"\n{100 * d:+.1f}%"
+            dark = (v > mid) == (not higher_is_better)
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    ax.set_title(title or "TLNLE sensitivity sweep", fontsize=9)
+    return _save(fig, path)
+
+
+def quality_vs_act(points: Sequence[dict], path: str | Path, *, title: str = "", ylabel: str = "score",
+                   baseline: float | None = None) -> Path:
+    """Scatter of score against Act, one labelled point per method/plan."""
+    fig = _figure(6.4, 4.6)
+    ax = fig.add_subplot(1, 1, 1)
+    markers = "osD^v<>ph*X"
+    for n, p in enumerate(points):
+        if p.get("score") is None or p.get("act") is None:
+            continue
+        ax.scatter([p["act"]], [p["score"]], marker=markers[n % len(markers)], s=46, label=p.get("label", "?"),
+                   zorder=3)
+        ax.annotate(p.get("label", ""), (p["act"], p["score"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", lw=0.8, label="native")
+    ax.set_xlabel("Act (activated routed experts per token)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title or "quality vs Act", fontsize=9)
+    return _save(fig, path)
+
+
+def loss_curve(history: Sequence[dict], path: str | Path, *, title: str = "hook training") -> Path | None:
+    """Training (and validation, when logged) loss per step from a training history."""
+    train = [h for h in history if isinstance(h, dict) and h.get("loss") is not None]
+    evals = [h for h in history if isinstance(h, dict) and h.get("kind") == "eval"]
+    vkey = next((k for k in ("val_loss", "val_kd", "val_lm", "val_hidden") if any(k in h for h in evals)), None)
+    val = [(h.get("step"), h[vkey]) for h in evals if vkey and h.get(vkey) is not None]
+    steps = [h.get("step", n) for n, h in enumerate(train)]
+    losses = [h["loss"] for h in train]
+    if not losses:
+        return None
+    fig = _figure(6.0, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, losses, lw=1, label="train loss")
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", lw=1, ms=3, label=vkey.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

