@@ -7,7 +7,9 @@ Writes benchmarks/results/bench_profile.json with three measurements (one thread
   that does not shrink with k (framework/op overhead), per layer;
 * ``expert_gemm``: sgemm throughput of one expert's two projections for M rows (M = tokens * k / experts is
   what a prompt gives each expert: 256 at top-2, 128 at top-1 for 1024 tokens and 8 experts);
-* ``attention``: causal SDPA throughput vs the expert GEMMs at the prompt lengths of the benchmark.
+* ``attention``: causal SDPA throughput vs the expert GEMMs at the prompt lengths of the benchmark;
+* ``router_call``: one router call for one token, bare and with the hook of a static / dynamic plan (what
+  a dynamic rule adds to every MoE layer of a decode step).
 
     python benchmarks/bench_profile.py [--scale 8] [--layers 4]
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -125,6 +126,27 @@ def attention_profile(heads: int, head_dim: int, lengths=(1024, 2048, 4096)) -> 
     return out
 
 
+def routing_profile(mm, plans=("topk:2", "topp:0.5", "naee:0.5")) -> dict:
+    """One router call for one token (decode): bare, and with each plan's hook (count=False, as timed)."""
+    from hookmoe.routing import apply_plan
+
+    router = mm.layers[0].router
+    x = torch.randn(1, mm.config.hidden_size)
+
+    def call():
+        with torch.inference_mode():
+            router(x)
+
+    out = {"bare_us": min(cpu_ms(call, 2000) for _ in range(3)) * 1e3}
+    for plan in plans:
+        patch = apply_plan(mm, plan, count=False)
+        try:
+            out[f"{plan}_us"] = min(cpu_ms(call, 2000) for _ in range(3)) * 1e3
+        finally:
+            patch.remove()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mixtral-8x7b")
@@ -144,10 +166,11 @@ def main(argv=None) -> int:
         "decode": decode_profile(mm, (mm.native_top_k, 1)),
         "expert_gemm": gemm_profile(int(cfg["hidden_size"]), inter, mm.num_experts),
         "attention": attention_profile(int(cfg["num_attention_heads"]), int(cfg.get("head_dim") or 128)),
+        "router_call": routing_profile(mm),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps({k: res[k] for k in ("decode", "expert_gemm", "attention")}, indent=1))
+    print(json.dumps({k: res[k] for k in ("decode", "expert_gemm", "attention", "router_call")}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -37,7 +37,9 @@ def test_bench_cli_native_vs_top1_writes_json_and_plot(tmp_path, capsys):
     assert "speed-up" in stdout and "identical" in stdout
     res = json.loads(out.read_text())
     assert res["format"] == "hookmoe-bench/1"
-    assert res["command"].startswith("hookmoe bench tiny:mixtral") or "bench" in res["command"]
+    cmd = res["command"]  # as typed (options in the command's order)
+    assert cmd.startswith("hookmoe bench tiny:mixtral --plan native --plan topk:1 ") and f"--json {out}" in cmd
+    assert "--lengths 16,32 --new-tokens 4 --itl-prompt 8 --repeats 2" in cmd and "--scale" not in cmd
     for key in ("torch", "transformers", "cpu", "cpu_count"):
         assert key in res["machine"]
     base, top1 = res["variants"]
@@ -70,11 +72,15 @@ def test_hook_overhead_and_dynamic_vs_static_sections(tmp_path, capsys):
     assert abs(dyn["act"] - 1.5) < 0.1 and isinstance(dyn["plan"], dict)  # a concrete per-layer plan
     hooked = res["variants"][2]
     assert hooked["hook_params"] == 2 * 64 * 64 + 1  # linear1 + linear2 at the paper's width (= expert size) + r
+    lim = hooked["metrics"]["itl"]["limit"]  # vs native: top-1 plus the hook's weights
+    assert lim < res["variants"][1]["metrics"]["itl"]["limit"]
     (o,) = res["hook_overhead"]
     assert o["without_hook"] == "topk:1" and set(o) >= {"ttft@16", "ttft@32", "itl"}
     (d,) = res["dynamic_vs_static"]
     assert d["static"] == "tlnle:k=2,l=2" and d["act_static"] == pytest.approx(1.5)
     assert res["settings"]["clock"] == "cpu" and res["checks"] == {}
+    assert res["settings"]["decode_tokens"] == "random"  # random-weight model: decode fed random tokens
+    assert abs(dyn["act_decode"] - 1.5) < 0.25  # so the calibrated rule keeps its Act while decoding
     assert "Hook overhead" in stdout and "Dynamic rule vs static plan" in stdout
 
 
@@ -130,7 +136,8 @@ def test_limits_follow_accounting():
     # batch 4: the expected number of distinct experts read per step under uniform routing
     b4 = B.cost_model(mm, {i: 1 for i in mm.moe_layer_indices}, batch_size=4)
     distinct = 8 * (1 - (1 - 1 / 8) ** 4)
-    assert b4["decode_weight_bytes"] - n1["decode_weight_bytes"] == pytest.approx(4 * per_expert * layers * (distinct - 1))
+    extra = b4["decode_weight_bytes"] - n1["decode_weight_bytes"]
+    assert extra == pytest.approx(4 * per_expert * layers * (distinct - 1))
 
 
 def test_presets_scale_and_keep_the_real_limits():

@@ -73,6 +73,17 @@ def test_logits_and_greedy_tokens_match_reference(arch, models):
     assert got.tokens.shape == (1, 12) and 0 < got.ttft_s <= got.e2e_s
 
 
+def test_forced_decode_inputs_match_a_full_forward(models):
+    mm = models("olmoe")
+    p, forced = _prompt(10, seed=13), _prompt(5, seed=14)
+    with R.Runtime(mm) as rt:
+        got = rt.generate(p, 6, decode_inputs=forced).tokens
+        logits = rt.logits(torch.cat([p, forced], dim=1))
+    assert torch.equal(got[0], logits[0, 9:].argmax(-1))
+    ref = R.reference_generate(mm, p, 6, decode_inputs=forced).tokens  # stock generate, forced the same way
+    assert torch.equal(ref[0, :5], forced[0])
+
+
 def test_left_padded_batch_matches_generate(models):
     mm = models("qwen2_moe")
     ids = _prompt(10, b=2, seed=3)
@@ -248,6 +259,34 @@ def test_runtime_options_and_errors(models):
     with R.Runtime(mm) as rt:
         b = rt.generate(_prompt(9, seed=10), 5).tokens
     assert torch.equal(a, b)
+
+
+def test_compiled_decode_follows_plan_and_hook_changes(models):
+    """torch.compile on the CPU (what CUDA uses by default): switching plans/hooks must not replay a stale graph."""
+    mm = models("mixtral")
+    p = _prompt(8, seed=15)
+    want = {}
+    R.set_experts(mm, "eager")
+    want["native"] = R.reference_generate(mm, p, 5).tokens  # no plan: no module hooks at all
+    with mm.routing("topp:0.25"):
+        want["topp:0.25"] = R.reference_generate(mm, p, 5).tokens
+    insert_hooks(mm, [1], init="paper")
+    want["hook"] = R.reference_generate(mm, p, 5).tokens
+    remove_hooks(mm)
+    torch._dynamo.reset()
+    try:
+        with R.Runtime(mm, compile=True) as rt:
+            assert rt.describe()["cache"] == "static"
+            assert torch.equal(rt.generate(p, 5).tokens, want["native"])
+            with mm.routing("topp:0.25"):  # hooks added after the first compilation
+                assert torch.equal(rt.generate(p, 5).tokens, want["topp:0.25"])
+            insert_hooks(mm, [1], init="paper")
+            assert torch.equal(rt.generate(p, 5).tokens, want["hook"])
+    finally:
+        remove_hooks(mm)
+        torch._dynamo.reset()
+        R.set_experts(mm, "grouped_mm")
+    assert not torch.equal(want["native"], want["topp:0.25"]) or not torch.equal(want["native"], want["hook"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,9 +1,14 @@
 """Speed benchmark: TTFT and ITL of routing plans (and Hooks), side by side, with their theoretical limits.
 
 What is measured (as in the paper): **TTFT** for prompts of ``lengths`` tokens (default 1024/2048/4096)
-and one new token; **ITL** = (e2e - TTFT) / (new - 1) for ``new_tokens`` (default 256) greedy tokens
-after an ``itl_prompt``-token prompt. Timings are synchronised (CUDA: ``torch.cuda.synchronize``; the
-CPU is synchronous), medians over ``repeats`` after ``warmup`` passes.
+and one new token; **ITL** = (e2e - TTFT) / (new - 1) for ``new_tokens`` (default 256) tokens after an
+``itl_prompt``-token prompt. The decode steps are fed the greedy tokens, or (``decode_tokens="random"``,
+the default for random-weight models, whose greedy outputs repeat one token and so route unlike text)
+random tokens — the same work per step, with routing statistics like the prompt's, so that a dynamic
+rule calibrated on the prompt keeps its Act while decoding (the Act of both phases is reported).
+Timings are synchronised (CUDA events on a GPU; on the CPU the wall clock or, ``clock="cpu"``, the
+process CPU time — one thread on a shared machine, preemption excluded), medians over ``repeats`` after
+``warmup`` passes.
 
 Trustworthy ratios on a noisy machine: all variants share one loaded model and are measured
 **interleaved** — for every repeat and prompt length, plan A, plan B, ... one after the other (the order
@@ -34,11 +39,12 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import typer
 
 from .errors import ModelError, UserError
 
@@ -221,7 +227,7 @@ def _build_random(cfg, dev: torch.device, dt: torch.dtype, seed: int):
             setattr(module, p_name, torch.nn.Parameter(t.to(dev, dt), requires_grad=False))
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
-            buf.normal_(0.0, 0.02, generator=None)
+            buf.copy_(torch.empty(buf.shape).normal_(0.0, 0.02, generator=gen))
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
     return model.to(dev).eval()
@@ -247,7 +253,8 @@ class Variant:
                 self.label += f" [{self.runtime}]"
 
 
-def parse_variants(plans: Sequence[str], hooks: Sequence[str] = (), runtimes: Sequence[str] = ("fast",)) -> list[Variant]:
+def parse_variants(plans: Sequence[str], hooks: Sequence[str] = (),
+                   runtimes: Sequence[str] = ("fast",)) -> list[Variant]:
     """Variants from ``--plan`` values (``PLAN`` or ``PLAN@HOOK``), ``--hook`` values (each combined with
     every plan after the first) and runtimes (each variant under each runtime)."""
     if not plans:
@@ -475,6 +482,7 @@ class BenchConfig:
     act: float | None = None  # calibrate dynamic plans to this Act
     seed: int = 0
     check_outputs: bool = True
+    decode_tokens: str = "greedy"  # greedy | random: what the ITL decode steps are fed (see module docstring)
 
     def validate(self) -> None:
         if any(int(t) < 1 for t in self.lengths):
@@ -487,6 +495,8 @@ class BenchConfig:
             raise BenchError("--itl-prompt, --batch-size and --repeats must be >= 1 and --warmup >= 0")
         if self.clock not in ("wall", "cpu"):
             raise BenchError(f"--clock must be wall or cpu, got '{self.clock}'")
+        if self.decode_tokens not in ("greedy", "random"):
+            raise BenchError(f"--decode-tokens must be greedy or random, got '{self.decode_tokens}'")
 
 
 @contextlib.contextmanager
@@ -548,15 +558,19 @@ def bench(mm, variants: Sequence[Variant], cfg: BenchConfig | None = None, *, pr
     prompts = {t: torch.randint(lo, vocab, (cfg.batch_size, t), generator=gen).to(dev) for t in lengths}
     itl_ids = torch.randint(lo, vocab, (cfg.batch_size, cfg.itl_prompt), generator=gen).to(dev)
     n_probe = max(2, min(8, cfg.new_tokens or 8))
+    forced = None
+    if cfg.decode_tokens == "random" and cfg.new_tokens:
+        forced = torch.randint(lo, vocab, (cfg.batch_size, cfg.new_tokens - 1), generator=gen).to(dev)
 
     orig_impl = experts_implementation(mm.model)
     impls = {"fast": "hookmoe", "reference": orig_impl if orig_impl != "hookmoe" else "grouped_mm"}
     rt = Runtime(mm, compile=cfg.compile, clock=cfg.clock)  # sets the hookmoe experts; restored at the end
 
     def run(v: Variant, ids, n: int):
+        feed = forced[:, : n - 1] if forced is not None and n > 1 and ids is itl_ids else None
         if v.runtime == "fast":
-            return rt.generate(ids, n)
-        return reference_generate(mm, ids, n, clock=cfg.clock)
+            return rt.generate(ids, n, decode_inputs=feed)
+        return reference_generate(mm, ids, n, clock=cfg.clock, decode_inputs=feed)
 
     try:
         _calibrate(mm, variants, cfg, itl_ids, impls)
@@ -646,18 +660,18 @@ def _variant_info(mm, v: Variant, cfg: BenchConfig, ids, impls, run) -> dict:
             run(ids, cfg.new_tokens)
             tot, tot_tok = stats.act_per_layer(), stats.tokens
             dec = {i: (tot[i] * tot_tok - pre[i] * pre_tok) / max(1.0, tot_tok - pre_tok) for i in tot}
+        pre = {int(i): float(a) for i, a in pre.items()}
+        dec = {int(i): float(a) for i, a in dec.items()}
         hs = get_hooks(mm)
-        rules = act.patch.per_layer()
-    pre = {int(i): float(a) for i, a in pre.items()}
-    dec = {int(i): float(a) for i, a in dec.items()}
-    return {
-        "act": sum(pre.values()) / len(pre), "act_per_layer": pre,
-        "act_decode": sum(dec.values()) / len(dec), "act_decode_per_layer": dec, "rules": rules,
-        "plan": (v.resolved_plan.to_dict() if v.resolved_plan is not None else v.plan),
-        "hook_params": hs.num_params() if hs is not None else 0,
-        "cost": cost_model(mm, pre, batch_size=cfg.batch_size),
-        "cost_decode": cost_model(mm, dec, batch_size=cfg.batch_size),
-    }
+        return {  # costs are counted while the variant's hook is in the model
+            "act": sum(pre.values()) / len(pre), "act_per_layer": pre,
+            "act_decode": sum(dec.values()) / len(dec), "act_decode_per_layer": dec,
+            "rules": act.patch.per_layer(),
+            "plan": (v.resolved_plan.to_dict() if v.resolved_plan is not None else v.plan),
+            "hook_params": hs.num_params() if hs is not None else 0,
+            "cost": cost_model(mm, pre, batch_size=cfg.batch_size),
+            "cost_decode": cost_model(mm, dec, batch_size=cfg.batch_size),
+        }
 
 
 def _check_outputs(mm, variants, ids, impls, rt) -> dict:
@@ -738,10 +752,19 @@ def _assemble(mm, variants, cfg, lengths, samples, info, checks, runtime_desc) -
         plain = by_key.get((v.plan, None, v.runtime)) if v.hook else None
         if plain is None:
             continue
-        o: dict[str, Any] = {"variant": v.label, "without_hook": plain.label, "hook_params": info[v.label]["hook_params"]}
+        o: dict[str, Any] = {"variant": v.label, "without_hook": plain.label,
+                             "hook_params": info[v.label]["hook_params"]}
         for m in metrics:
             ps = _paired(samples[v.label][m], samples[plain.label][m])
-            o[m] = {"overhead": ps["median"] - 1, "min": ps["min"] - 1, "max": ps["max"] - 1}
+            hv, pv = info[v.label], info[plain.label]
+            if m == "itl":
+                expected = hv["cost_decode"]["decode_weight_bytes"] / pv["cost_decode"]["decode_weight_bytes"] - 1
+            else:
+                t = int(m.split("@")[1])
+                expected = prefill_flops(mm, hv["cost"], t, cfg.batch_size) / prefill_flops(mm, pv["cost"], t,
+                                                                                            cfg.batch_size) - 1
+            o[m] = {"overhead": ps["median"] - 1, "min": ps["min"] - 1, "max": ps["max"] - 1,
+                    "expected": expected}
         overhead.append(o)
     # dynamic rules against static plans of (about) the same Act, same runtime and hook
     from .routing import Dynamic, Plan
@@ -780,7 +803,8 @@ def _assemble(mm, variants, cfg, lengths, samples, info, checks, runtime_desc) -
                   "device": str(mm.device)},
         "settings": {"lengths": lengths, "new_tokens": cfg.new_tokens, "itl_prompt": cfg.itl_prompt,
                      "batch_size": cfg.batch_size, "repeats": cfg.repeats, "warmup": cfg.warmup, "act": cfg.act,
-                     "clock": cfg.clock, "seed": cfg.seed, "order": "interleaved, ABBA across repeats",
+                     "clock": cfg.clock, "decode_tokens": cfg.decode_tokens, "seed": cfg.seed,
+                     "order": "interleaved, ABBA across repeats",
                      "runtime": runtime_desc},
         "variants": rows,
         "hook_overhead": overhead,
@@ -839,6 +863,7 @@ def _pairs_table(title: str, items: list[dict], name: Callable[[dict], str], key
         t.add_column(_metric_name(m), justify="right")
     for o in items:
         t.add_row(name(o), *[f"{o[m][key] * 100:+.1f}% ({o[m]['min'] * 100:+.1f}, {o[m]['max'] * 100:+.1f})"
+                             + (f"; work +{o[m]['expected'] * 100:.1f}%" if "expected" in o[m] else "")
                              for m in metrics])
     return t
 
@@ -884,7 +909,8 @@ def plot(res: dict, path: str | Path) -> Path:
     ax.set_ylabel("speed-up vs base")
     base = res["variants"][0]["label"]
     ax.set_title(f"{res['model']['source']}: speed-up over '{base}'", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(4, len(rows) + 1),
+              frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -896,6 +922,32 @@ def plot(res: dict, path: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
+
+
+def _command_line(ctx) -> str:
+    """The command as typed (arguments and the options given on the command line), for the results JSON."""
+    import shlex
+
+    words = ["hookmoe", ctx.info_name or "bench"]
+    for param in ctx.command.params:
+        try:
+            src = ctx.get_parameter_source(param.name)
+        except AttributeError:  # pragma: no cover - very old click
+            src = None
+        if src is not None and getattr(src, "name", "") != "COMMANDLINE":
+            continue
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "argument":
+            words.append(shlex.quote(str(value)))
+            continue
+        flag = max(param.opts, key=len)
+        if getattr(param, "is_flag", False):
+            if value:
+                words.append(flag)
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            words += [flag, shlex.quote(str(v))]
+    return " ".join(words)
 
 
 def _busy_note(mm, clock: str) -> str | None:
@@ -926,12 +978,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 
 def register_cli(app) -> None:
-    import typer
-
     from .cli import MODEL_HELP, PLAN_HELP, console, write_json
 
     @app.command("bench")
     def bench_cmd(
+        ctx: typer.Context,
         model: str = typer.Argument(..., help=MODEL_HELP + "; with --random-weights also a preset: "
                                     + ", ".join(PRESETS)),
         plan: Optional[list[str]] = typer.Option(None, "--plan", help=PLAN_HELP + " (repeat; the first is the base; "
@@ -962,6 +1013,9 @@ def register_cli(app) -> None:
         seed: int = typer.Option(0, "--seed"),
         as_json: Optional[Path] = typer.Option(None, "--json", help="write the results JSON here ('-' = stdout)"),
         plot_path: Optional[Path] = typer.Option(None, "--plot", help="bar plot PNG (default: next to --json)"),
+        decode_tokens: Optional[str] = typer.Option(None, "--decode-tokens", help="greedy | random: what the "
+                                                    "ITL decode steps are fed (default: random for random-weight "
+                                                    "models, whose greedy outputs repeat; greedy otherwise)"),
         no_check: bool = typer.Option(False, "--no-check", help="skip the greedy-token check against the "
                                       "reference path"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
@@ -999,10 +1053,13 @@ def register_cli(app) -> None:
                 console.print(f"note: {note}")
         cfg = BenchConfig(lengths=_int_list(lengths, "--lengths"), new_tokens=new_tokens, itl_prompt=itl_prompt,
                           batch_size=batch_size, repeats=repeats, warmup=warmup, compile=comp, clock=clock, act=act,
-                          seed=seed, check_outputs=not no_check)
+                          seed=seed, check_outputs=not no_check,
+                          decode_tokens=decode_tokens or ("random" if random_weights or model.startswith("tiny:")
+                                                          else "greedy"))
         cfg.validate()
         variants = parse_variants(plan or [], hook or [], runtimes)
         res = bench(mm, variants, cfg, progress=not no_progress)
+        res["command"] = _command_line(ctx)
         if note:
             res["settings"]["lengths_note"] = note
         busy = _busy_note(mm, clock)
@@ -1017,9 +1074,9 @@ def register_cli(app) -> None:
                 console.print(extra)
             chk = res["checks"].get("greedy_tokens_identical_to_reference")
             if chk:
-                ok = all(chk.values())
-                console.print(f"greedy tokens, fast runtime vs stock transformers: "
-                              f"{'identical' if ok else 'DIFFERENT for ' + ', '.join(k for k, x in chk.items() if not x)}")
+                bad = [k for k, x in chk.items() if not x]
+                console.print("greedy tokens, fast runtime vs stock transformers: "
+                              + ("identical" if not bad else "DIFFERENT for " + ", ".join(bad)))
         png = plot_path
         if png is None and as_json is not None and not to_stdout:
             png = Path(as_json).with_suffix(".png")

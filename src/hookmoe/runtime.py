@@ -405,7 +405,15 @@ class Runtime:
             return self.mm.model
         if self._compiled is None:
             mode = "reduce-overhead" if self.mm.device.type == "cuda" else None
-            self._compiled = torch.compile(self.mm.model, mode=mode, dynamic=False)
+            compiled = torch.compile(self.mm.model, mode=mode, dynamic=False)
+
+            def step(**kw):
+                # routing plans and Hooks live in module hooks: guard on them (dynamo's default skips hook
+                # guards and would replay the graph of whichever plan was compiled first)
+                with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+                    return compiled(**kw)
+
+            self._compiled = step
         return self._compiled
 
     def _new_cache(self, max_len: int):
@@ -424,14 +432,18 @@ class Runtime:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-                 eos_token_id: int | None = None) -> Generation:
+                 eos_token_id: int | None = None, decode_inputs: torch.Tensor | None = None) -> Generation:
         """Greedy decoding of ``max_new_tokens`` tokens (all of them unless ``eos_token_id`` ends every row).
 
         ``ttft_s`` is the time to the first new token (prefill + one argmax), ``e2e_s`` the whole call;
-        both are synchronised on the device.
+        both are synchronised on the device. ``decode_inputs`` (``[B, max_new_tokens - 1]``) feeds these
+        tokens to the decode steps instead of the argmax (same work per step; for speed measurements on
+        random-weight models, whose greedy outputs repeat and so route unlike text).
         """
         if max_new_tokens < 1:
             raise RuntimeOptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if decode_inputs is not None and tuple(decode_inputs.shape) != (input_ids.shape[0], max_new_tokens - 1):
+            raise RuntimeOptionError("decode_inputs must have shape [batch, max_new_tokens - 1]")
         dev = self.mm.device
         model = self.mm.model
         ids = input_ids.to(dev)
@@ -466,7 +478,8 @@ class Runtime:
                 step_pos = last_pos
             else:
                 step_pos = cp.view(1, 1).expand(b, 1) if self.compile else None
-            out = step(input_ids=nxt, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+            feed = nxt if decode_inputs is None else decode_inputs[:, i - 1:i].to(dev)
+            out = step(input_ids=feed, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
                        use_cache=True, cache_position=cp)
             nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
             if done is not None:
@@ -481,9 +494,11 @@ class Runtime:
 
 
 def reference_generate(mm, input_ids: torch.Tensor, max_new_tokens: int, *,
-                       attention_mask: torch.Tensor | None = None, clock: str = "wall") -> Generation:
+                       attention_mask: torch.Tensor | None = None, clock: str = "wall",
+                       decode_inputs: torch.Tensor | None = None) -> Generation:
     """The stock path: ``model.generate`` (greedy, exactly ``max_new_tokens``, EOS not special — like
-    :meth:`Runtime.generate` without ``eos_token_id``) with the model's experts implementation; TTFT is taken when the first step's logits are ready."""
+    :meth:`Runtime.generate` without ``eos_token_id``) with the model's experts implementation; TTFT is taken
+    when the first step's logits are ready."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     dev = mm.device
@@ -494,6 +509,17 @@ def reference_generate(mm, input_ids: torch.Tensor, max_new_tokens: int, *,
         def __call__(self, input_ids, scores):
             if "first" not in stamp:
                 stamp["first"] = timer.mark()
+            return scores
+
+    class _Force(LogitsProcessor):  # the token chosen at step j (the input of step j + 1) is decode_inputs[:, j]
+        def __init__(self):
+            self.j = -1
+
+        def __call__(self, input_ids, scores):
+            self.j += 1
+            if self.j < decode_inputs.shape[1]:
+                forced = decode_inputs[:, self.j:self.j + 1].to(scores.device)
+                scores = torch.full_like(scores, float("-inf")).scatter_(1, forced, 0.0)
             return scores
 
     import copy
@@ -517,7 +543,8 @@ def reference_generate(mm, input_ids: torch.Tensor, max_new_tokens: int, *,
             sync(dev)
             timer.start()
             out = mm.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc,
-                                    logits_processor=LogitsProcessorList([_FirstStep()]))
+                                    logits_processor=LogitsProcessorList(
+                                        [_FirstStep()] + ([_Force()] if decode_inputs is not None else [])))
             end = timer.mark()
             sync(dev)
     finally:
