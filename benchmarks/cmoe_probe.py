@@ -90,6 +90,38 @@ def perplexity(model, blocks: torch.LongTensor, batch_size: int = 4) -> float:
     return math.exp(nll / n)
 
 
+@torch.no_grad()
+def oracle_perplexity(moe, dense, blocks: torch.LongTensor) -> float:
+    """Perplexity with a non-causal oracle router (an upper bound for any router): in every layer
+    each token runs the top-k experts by gain ``2 y_e.R - |y_e|^2`` against the dense FFN output."""
+    import types
+
+    def make_forward(dense_mlp):
+        def forward(self, hidden):
+            shape = hidden.shape
+            x = hidden.reshape(-1, shape[-1])
+            shared = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
+            routed = dense_mlp(x) - shared
+            ex = self.experts
+            gate, up = torch.einsum("nh,eih->nei", x, ex.gate_up_proj).chunk(2, dim=-1)
+            y = torch.einsum("nei,ehi->neh", ex.act_fn(gate) * up, ex.down_proj)
+            gain = 2.0 * (y * routed[:, None]).sum(-1) - (y * y).sum(-1)
+            index = gain.topk(self.gate.top_k, dim=-1).indices
+            out = y.gather(1, index[:, :, None].expand(-1, -1, y.shape[-1])).sum(1) + shared
+            return out.reshape(shape)
+
+        return forward
+
+    blocks_ = moe.moe_blocks()
+    for b, layer in zip(blocks_, dense.model.layers):
+        b.forward = types.MethodType(make_forward(layer.mlp), b)
+    try:
+        return perplexity(moe, blocks)
+    finally:
+        for b in blocks_:
+            del b.forward
+
+
 def parse_shape(text: str) -> dict:
     m = re.fullmatch(r"E(\d+)S(\d+)K(\d+)(?:R(\d+))?", text.strip(), flags=re.I)
     if not m:
@@ -106,6 +138,9 @@ def main() -> None:
     ap.add_argument("--objective", default="mlp", choices=["mlp", "kl", "both"])
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank-weight", type=float, default=1.0)
+    ap.add_argument("--mse-weight", type=float, default=0.0)
+    ap.add_argument("--batch-size", type=int, default=4, help="blocks per step of the kl/both objectives")
+    ap.add_argument("--oracle", action="store_true", help="also measure the oracle-router bound at native K")
     ap.add_argument("--tokens-per-step", type=int, default=1024)
     ap.add_argument("--refresh-every", type=int, default=0)
     ap.add_argument("--activation-topk", type=int, default=10)
@@ -176,6 +211,7 @@ def main() -> None:
             if steps > 0:
                 m = calibrate_routers(moe, dense, calib[: args.router_blocks], steps=steps, lr=args.lr,
                                       objective=args.objective, rank_weight=args.rank_weight,
+                                      mse_weight=args.mse_weight, batch_size=args.batch_size,
                                       tokens_per_step=args.tokens_per_step,
                                       refresh_every=args.refresh_every or None, progress=False)
                 row["calibration"] = {k2: v for k2, v in m.items() if k2 != "loss_curve"}
@@ -189,6 +225,11 @@ def main() -> None:
             row["ppl_reduced"] = perplexity(moe, held)
             moe.set_top_k(k)
             row["eval_s"] = round(time.perf_counter() - t0, 2)
+            if args.oracle and steps == steps_list[0]:
+                t1 = time.perf_counter()
+                row["ppl_oracle_router_native"] = oracle_perplexity(moe, dense, held)
+                log(f"  {shape['name']}: oracle-router bound at K={k}: ppl {row['ppl_oracle_router_native']:.3f} "
+                    f"({time.perf_counter() - t1:.1f}s)")
             row["native_vs_dense"] = row["ppl_native"] / ppl_dense - 1
             row["reduced_vs_native"] = row["ppl_reduced"] / row["ppl_native"] - 1
             row["meets_goal"] = bool(row["native_vs_dense"] <= 0.10 and row["active_fraction_native"] <= 0.75
@@ -216,7 +257,8 @@ def main() -> None:
                  "convert_blocks": args.convert_blocks, "router_blocks": args.router_blocks,
                  "eval_blocks": args.eval_blocks},
         "settings": {"activation_topk": args.activation_topk, "objective": args.objective, "lr": args.lr,
-                     "rank_weight": args.rank_weight, "tokens_per_step": args.tokens_per_step,
+                     "rank_weight": args.rank_weight, "mse_weight": args.mse_weight,
+                     "batch_size": args.batch_size, "tokens_per_step": args.tokens_per_step,
                      "refresh_every": args.refresh_every or None, "experts_impl": args.experts_impl},
         "timings_s": {"load": round(t_load, 2), "data": round(t_data, 2), "dense_eval": round(t_dense, 2),
                       "total": round(time.perf_counter() - t_all, 2)},

@@ -280,10 +280,10 @@ def test_router_calibration_lowers_heldout_kl():
     moe = convert_dense(dense, None, calib, num_experts=E, num_shared=S, top_k=K, progress=False)
     moe.set_experts_implementation("eager")  # the fastest on CPU
     weights0 = {n: p.clone() for n, p in moe.named_parameters() if ".gate." not in n}
-    metrics = calibrate_routers(moe, dense, calib, steps=100, lr=5e-3, objective="mlp",
+    metrics = calibrate_routers(moe, dense, calib, steps=50, lr=1e-2, objective="mlp",
                                 tokens_per_step=256, eval_blocks=held, progress=False)
     before, after = metrics["before"]["kl"], metrics["after"]["kl"]
-    assert after < 0.95 * before, metrics
+    assert after < 0.9 * before, metrics
     assert metrics["loss_last"] < metrics["loss_first"]
     # only routers moved; the exactness property survives calibration only up to the expert scales
     for n, p in moe.named_parameters():
@@ -291,6 +291,23 @@ def test_router_calibration_lowers_heldout_kl():
             assert torch.equal(p, weights0[n]), n
     assert moe.cmoe_info["router_calibration"]["after"]["kl"] == after
     assert heldout_kl(moe, dense, held)["kl"] == pytest.approx(after, rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["kl", "both"])
+def test_router_calibration_end_to_end_objectives(objective):
+    dense = tiny_dense("qwen2", seed=6, initializer_range=0.08)
+    calib = blocks(8, 16, 31)
+    moe = convert_dense(dense, None, calib, num_experts=E, num_shared=S, top_k=K, progress=False)
+    gate = moe.model.layers[1].mlp.gate
+    before = gate.weight_up.detach().clone()
+    metrics = calibrate_routers(moe, dense, calib, steps=3, lr=1e-2, objective=objective, batch_size=2,
+                                mse_weight=1.0, tokens_per_step=64, progress=False)
+    assert metrics["steps"] == 3 and len(metrics["loss_curve"]) == 3
+    assert all(torch.isfinite(torch.tensor(metrics["loss_curve"])))
+    assert not torch.equal(before, gate.weight_up)
+    assert all(p.requires_grad for p in moe.parameters())  # trainability restored afterwards
+    with pytest.raises(ValueError, match="objective"):
+        calibrate_routers(moe, dense, calib, steps=1, objective="nope", progress=False)
 
 
 # real weights -----------------------------------------------------------------------------------------

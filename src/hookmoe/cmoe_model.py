@@ -127,7 +127,9 @@ class CMoERouter(nn.Module):
     """CMoE router: one representative neuron per routed expert.
 
     ``s_e(x) = |(x . weight_up[e]) * act(x . weight_gate[e])|`` is the activation magnitude of the
-    expert's representative neuron. ``logits = (s + bias) * exp(log_logit_scale)`` (float32); the
+    expert's representative neuron. ``logits = (s + x . weight_linear[e] + bias) * exp(log_logit_scale)``
+    (float32; ``weight_linear``, ``bias`` and ``log_logit_scale`` are zero at conversion and only
+    move in router calibration); the
     top ``self.top_k`` logits select the experts (read on every call: hookmoe changes it at run
     time). The routing weight of a selected expert is ``expert_scale[e]``: exactly 1.0 at
     conversion, never renormalised. While the router's parameters are being trained, the weight is
@@ -143,6 +145,7 @@ class CMoERouter(nn.Module):
         self.hidden_dim = config.hidden_size
         self.weight_gate = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
         self.weight_up = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
+        self.weight_linear = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
         self.bias = nn.Parameter(torch.zeros(self.num_experts))
         self.log_logit_scale = nn.Parameter(torch.zeros(()))
         self.expert_scale = nn.Parameter(torch.ones(self.num_experts))
@@ -155,12 +158,13 @@ class CMoERouter(nn.Module):
         return s.float().abs()
 
     def forward(self, hidden_states: torch.Tensor):
-        s = self.scores(hidden_states)
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        s = self.scores(x) + F.linear(x, self.weight_linear).float()
         logits = (s + self.bias.float()) * self.log_logit_scale.float().exp()
         top_logits, index = torch.topk(logits, self.top_k, dim=-1)
         weights = self.expert_scale.float()[index]
-        if torch.is_grad_enabled() and (
-            self.weight_gate.requires_grad or self.weight_up.requires_grad or self.bias.requires_grad
+        if torch.is_grad_enabled() and any(
+            p.requires_grad for p in (self.weight_gate, self.weight_up, self.weight_linear, self.bias)
         ):
             log_p = top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)
             weights = weights * torch.exp(log_p - log_p.detach())
@@ -249,6 +253,7 @@ def _init_cmoe_module(module: nn.Module, std: float) -> bool:
     if isinstance(module, CMoERouter):
         init.normal_(module.weight_gate, mean=0.0, std=std)
         init.normal_(module.weight_up, mean=0.0, std=std)
+        init.zeros_(module.weight_linear)
         init.zeros_(module.bias)
         init.zeros_(module.log_logit_scale)
         init.ones_(module.expert_scale)

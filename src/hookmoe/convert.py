@@ -176,11 +176,14 @@ def _profile_markers(model, calib_blocks: torch.LongTensor, activation_topk: int
 # --------------------------------------------------------------------------------------------------
 # 2./3. neuron assignment
 # --------------------------------------------------------------------------------------------------
-def _balanced_kmeans(vectors: torch.Tensor, n_clusters: int, size: int, iters: int, gen: torch.Generator):
+def _balanced_kmeans(
+    vectors: torch.Tensor, n_clusters: int, size: int, iters: int, gen: torch.Generator, tol: float = 0.005
+):
     """Split ``vectors`` [R, D] into ``n_clusters`` clusters of exactly ``size`` members.
 
     k-means++ seeding, then alternate: balanced assignment (Hungarian on the squared distances with
-    every centroid replicated ``size`` times) and centroid = member mean. Returns (labels [R],
+    every centroid replicated ``size`` times) and centroid = member mean, until at most ``tol`` of
+    the members change cluster or ``iters`` rounds. Returns (labels [R],
     centroids [C, D], sq-distances [R, C], iterations run).
     """
     r = vectors.shape[0]
@@ -213,11 +216,11 @@ def _balanced_kmeans(vectors: torch.Tensor, n_clusters: int, size: int, iters: i
         rows, cols = linear_sum_assignment(cost)
         new_labels = torch.empty(r, dtype=torch.long)
         new_labels[torch.from_numpy(rows)] = torch.from_numpy(cols // size).long()
-        changed = labels is None or bool((new_labels != labels).any())
+        changed = r if labels is None else int((new_labels != labels).sum())
         labels = new_labels
         onehot = F.one_hot(labels, n_clusters).to(vectors.dtype)  # [R, C]
         centroids = (onehot.T @ vectors) / size
-        if not changed:
+        if changed <= tol * r:
             break
     return labels, centroids, distances(centroids), it
 
@@ -330,6 +333,7 @@ def convert_dense(
         rep = torch.tensor(reps, device=wg.device)
         new_state[p + "gate.weight_gate"] = wg[rep].clone()
         new_state[p + "gate.weight_up"] = wu[rep].clone()
+        new_state[p + "gate.weight_linear"] = torch.zeros_like(new_state[p + "gate.weight_gate"])
         new_state[p + "gate.bias"] = torch.zeros(num_experts, dtype=wg.dtype, device=wg.device)
         new_state[p + "gate.log_logit_scale"] = torch.zeros((), dtype=wg.dtype, device=wg.device)
         new_state[p + "gate.expert_scale"] = torch.ones(num_experts, dtype=wg.dtype, device=wg.device)
@@ -487,7 +491,9 @@ def _expert_gains(block: CMoESparseBlock, x: torch.Tensor, routed_target: torch.
 
 
 @torch.no_grad()
-def _gather_layer_data(cmoe_model, dense_layers, blocks: torch.LongTensor, batch_size: int, progress: bool):
+def _gather_layer_data(
+    cmoe_model, dense_layers, blocks: torch.LongTensor, batch_size: int, progress: bool, keep_targets: bool = True
+):
     """Run the MoE model on ``blocks`` and record, per layer, the block inputs ``x``, the routed
     targets ``R = dense_mlp(x) - shared(x)`` and the expert gains (all float32, CPU)."""
     moe_blocks = cmoe_model.moe_blocks()
@@ -503,7 +509,8 @@ def _gather_layer_data(cmoe_model, dense_layers, blocks: torch.LongTensor, batch
                 routed = routed - block.shared_experts(x)
             xf, rf = x.float(), routed.float()
             store[i]["x"].append(xf.cpu())
-            store[i]["r"].append(rf.cpu())
+            if keep_targets:
+                store[i]["r"].append(rf.cpu())
             store[i]["g"].append(_expert_gains(block, xf, rf).cpu())
 
         return hook
@@ -517,24 +524,26 @@ def _gather_layer_data(cmoe_model, dense_layers, blocks: torch.LongTensor, batch
     finally:
         for h in handles:
             h.remove()
-    return [{k: torch.cat(v) for k, v in d.items()} for d in store]
+    return [{k: torch.cat(v) for k, v in d.items() if v} for d in store]
 
 
-def _local_loss(cmoe_model, data, token_idx: torch.Tensor, rank_weight: float) -> torch.Tensor:
-    """Mean over layers of: relative MSE of the routed output vs the dense routed target
-    + ``rank_weight`` x cross-entropy of the router against the greedy-best top-k experts."""
+def _local_loss(cmoe_model, data, token_idx: torch.Tensor, rank_weight: float, mse_weight: float) -> torch.Tensor:
+    """Mean over layers of: ``rank_weight`` x cross-entropy of the router against the greedy-best
+    top-k experts + ``mse_weight`` x relative MSE of the routed output vs the dense routed target."""
     param = next(cmoe_model.parameters())
     total = 0.0
     blocks = cmoe_model.moe_blocks()
     for block, d in zip(blocks, data):
         x = d["x"][token_idx].to(device=param.device, dtype=param.dtype)
-        target = d["r"][token_idx].to(param.device)
         logits, weights, index = block.gate(x)
-        out = block.experts(x, index, weights).float()
-        loss = (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+        loss = 0.0
         if rank_weight > 0:
             best = d["g"][token_idx].to(param.device).topk(block.gate.top_k, dim=-1).indices
             loss = loss - rank_weight * F.log_softmax(logits.float(), dim=-1).gather(1, best).mean()
+        if mse_weight > 0:
+            target = d["r"][token_idx].to(param.device)
+            out = block.experts(x, index, weights).float()
+            loss = loss + mse_weight * (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
         total = total + loss
     return total / len(blocks)
 
@@ -550,6 +559,7 @@ def calibrate_routers(
     batch_size: int = 4,
     tokens_per_step: int = 1024,
     rank_weight: float = 1.0,
+    mse_weight: float = 0.0,
     refresh_every: int | None = None,
     eval_blocks: torch.LongTensor | None = None,
     seed: int = 0,
@@ -558,17 +568,19 @@ def calibrate_routers(
     """Train only the routers (rows, bias, logit scale, per-expert output scales) towards the dense model.
 
     objectives:
-      * ``"mlp"``  layer-local. One pass of the MoE model over ``calib_blocks`` records every block's
-        input x and the dense FFN's output on the same x; then each step takes ``tokens_per_step``
-        random tokens and minimises, summed over layers, the relative MSE of the routed output
-        (straight-through weights, so the top-k choice gets gradient) + ``rank_weight`` x the
-        cross-entropy of the router against the k experts that best reduce that error (greedy
-        oracle). No backward through attention, so steps are cheap. ``refresh_every`` re-records
-        the inputs with the current routers (on-policy) every that many steps.
+      * ``"mlp"``  layer-local. One pass of the MoE model over ``calib_blocks`` records, per block,
+        its inputs x and, for every routed expert e, the gain ``g_e = 2 y_e.R - |y_e|^2`` (how much
+        running e alone reduces the squared error to ``R`` = the dense FFN output minus the shared
+        experts, on the same x). Each step takes ``tokens_per_step`` random tokens and minimises,
+        averaged over layers, ``rank_weight`` x the cross-entropy of the router's softmax against
+        the top-k experts by gain (a greedy oracle) + ``mse_weight`` x the relative MSE of the
+        routed output (straight-through weights; this term also trains the per-expert scales and
+        costs an experts forward per step). No backward through attention: steps are cheap.
+        ``refresh_every`` re-records the inputs with the current routers (on-policy).
       * ``"kl"``   KL(dense logits || MoE logits) through the whole network on ``batch_size`` blocks
-        per step (gradient reaches the routers only through the straight-through weights).
+        per step; the routers get gradient only through the straight-through weights.
       * ``"both"`` the KL plus the layer-local loss.
-    Memory of the local objectives: 2 x layers x calib tokens x hidden x 4 bytes (CPU).
+    Memory of the local objectives: layers x calib tokens x (hidden + E [+ hidden if mse]) x 4 bytes.
     Returns metrics (held-out KL / perplexities before and after when ``eval_blocks`` is given, the
     loss curve, wall times); they are also stored in ``cmoe_model.cmoe_info["router_calibration"]``.
     """
@@ -591,6 +603,7 @@ def calibrate_routers(
         "batch_size": batch_size,
         "tokens_per_step": tokens_per_step,
         "rank_weight": rank_weight,
+        "mse_weight": mse_weight,
         "refresh_every": refresh_every,
         "calib_blocks": int(blocks.shape[0]),
         "calib_seq_len": int(blocks.shape[1]),
@@ -613,13 +626,13 @@ def calibrate_routers(
             if local and (data is None or (refresh_every and step % refresh_every == 0)):
                 tg = time.perf_counter()
                 data = None
-                data = _gather_layer_data(cmoe_model, dense_layers, blocks, batch_size, False)
+                data = _gather_layer_data(cmoe_model, dense_layers, blocks, batch_size, False, mse_weight > 0)
                 gather_s += time.perf_counter() - tg
             loss = 0.0
             if local:
                 n_tok = data[0]["x"].shape[0]
                 idx = torch.randint(n_tok, (min(tokens_per_step, n_tok),), generator=gen)
-                loss = _local_loss(cmoe_model, data, idx, rank_weight)
+                loss = _local_loss(cmoe_model, data, idx, rank_weight, mse_weight)
             if objective in ("kl", "both"):
                 pick = torch.randint(blocks.shape[0], (min(batch_size, blocks.shape[0]),), generator=gen)
                 ids = blocks[pick].to(device)
@@ -646,113 +659,3 @@ def calibrate_routers(
     if isinstance(info, dict):
         info["router_calibration"] = {k: v for k, v in metrics.items() if k != "loss_curve"}
     return metrics
-
-
-# --------------------------------------------------------------------------------------------------
-# optional: closed-form refit of the down projections for the routing in use
-# --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def refit_down_proj(
-    cmoe_model: HookmoeCMoEForCausalLM,
-    dense_model,
-    calib_blocks: torch.LongTensor,
-    *,
-    ridge: float = 0.05,
-    batch_size: int = 4,
-    progress: bool = True,
-) -> dict:
-    """Least-squares refit of every expert's (shared and routed) down projection, per layer.
-
-    With the routing fixed at the model's current ``top_k``, the block output is linear in the down
-    projections: ``y = A W^T`` where ``A`` [N, F] holds the activations of the shared neurons and of
-    the selected experts' neurons (times their routing weights; zero for experts not selected).
-    Solves ``min |A W^T - Y|^2 + lam |W - W_0|^2`` with ``Y`` = the dense FFN output on the same
-    inputs (one pass of the MoE model over ``calib_blocks``), ``W_0`` the current weights and
-    ``lam = ridge * mean(diag(A^T A))``. The dropped experts' average contribution is folded into
-    the ones that run. This gives up exactness with all experts active (the point is native k).
-    Returns per-layer relative errors before/after on the calibration tokens.
-    """
-    t0 = time.perf_counter()
-    dense_layers = _decoder_layers(dense_model)
-    blocks = cmoe_model.moe_blocks()
-    cfg = cmoe_model.config
-    n_sh = cfg.num_shared_experts * cfg.moe_intermediate_size
-    inter, n_exp, hid = cfg.moe_intermediate_size, cfg.num_experts, cfg.hidden_size
-    f_total = n_sh + n_exp * inter
-    acc = [
-        {"ata": torch.zeros(f_total, f_total, dtype=torch.float64), "aty": torch.zeros(f_total, hid, dtype=torch.float64),
-         "yy": 0.0}
-        for _ in blocks
-    ]
-
-    def activations(block, x):
-        ex = block.experts
-        gate, up = ex.gate_up_proj[:, :inter], ex.gate_up_proj[:, inter:]
-        h = ex.act_fn(x @ gate.reshape(-1, hid).T) * (x @ up.reshape(-1, hid).T)  # [N, E*I]
-        _, weights, index = block.gate(x)
-        valid = index < n_exp
-        mix = torch.zeros(x.shape[0], n_exp + 1, dtype=h.dtype, device=h.device)
-        mix.scatter_add_(1, torch.where(valid, index, n_exp), weights.to(h.dtype) * valid)
-        routed = (h.view(x.shape[0], n_exp, inter) * mix[:, :n_exp, None]).reshape(x.shape[0], -1)
-        if block.shared_experts is None:
-            return routed
-        se = block.shared_experts
-        shared = se.act_fn(se.gate_proj(x)) * se.up_proj(x)
-        return torch.cat([shared, routed], dim=1)
-
-    def make_hook(i, block):
-        dense_mlp = dense_layers[i].mlp
-
-        def hook(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            a = activations(block, x)
-            y = dense_mlp(x).float()
-            acc[i]["ata"] += (a.T @ a).double().cpu()
-            acc[i]["aty"] += (a.T @ y).double().cpu()
-            acc[i]["yy"] += float((y * y).sum())
-
-        return hook
-
-    handles = [b.register_forward_pre_hook(make_hook(i, b)) for i, b in enumerate(blocks)]
-    device = next(cmoe_model.parameters()).device
-    try:
-        starts = range(0, calib_blocks.shape[0], batch_size)
-        for s in _progress(starts, len(starts), "refit: gather", progress):
-            cmoe_model(input_ids=calib_blocks[s : s + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-
-    per_layer = []
-    for block, a in zip(blocks, acc):
-        ex = block.experts
-        w0 = ex.down_proj.detach().permute(1, 0, 2).reshape(hid, -1)  # [h, E*I]
-        if block.shared_experts is not None:
-            w0 = torch.cat([block.shared_experts.down_proj.weight.detach(), w0], dim=1)
-        w0t = w0.T.double().cpu()  # [F, h]
-        ata, aty, yy = a["ata"], a["aty"], max(a["yy"], 1e-30)
-        lam = ridge * float(ata.diagonal().mean()) + 1e-12
-        w_new_t = torch.linalg.solve(ata + lam * torch.eye(f_total, dtype=ata.dtype), aty + lam * w0t)
-
-        def sq_err(wt):  # |A W^T - Y|^2 = tr(W A^T A W^T) - 2 tr(W A^T Y) + |Y|^2
-            return float((wt * (ata @ wt)).sum() - 2.0 * (wt * aty).sum() + yy)
-
-        per_layer.append({"rel_err_before": sq_err(w0t) / yy, "rel_err_after": sq_err(w_new_t) / yy})
-        w_new = w_new_t.T.to(dtype=ex.down_proj.dtype, device=ex.down_proj.device)  # [h, F]
-        if block.shared_experts is not None:
-            block.shared_experts.down_proj.weight.copy_(w_new[:, :n_sh])
-        ex.down_proj.copy_(w_new[:, n_sh:].reshape(hid, n_exp, inter).permute(1, 0, 2))
-
-    result = {
-        "ridge": ridge,
-        "top_k": blocks[0].gate.top_k,
-        "calib_tokens": int(calib_blocks.numel()),
-        "rel_err_before": float(np.mean([p["rel_err_before"] for p in per_layer])),
-        "rel_err_after": float(np.mean([p["rel_err_after"] for p in per_layer])),
-        "per_layer": per_layer,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    info = getattr(cmoe_model, "cmoe_info", None)
-    if isinstance(info, dict):
-        info["down_proj_refit"] = {k: v for k, v in result.items() if k != "per_layer"}
-    return result
