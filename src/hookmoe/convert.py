@@ -659,3 +659,53 @@ def calibrate_routers(
     if isinstance(info, dict):
         info["router_calibration"] = {k: v for k, v in metrics.items() if k != "loss_curve"}
     return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def register_cli(app) -> None:
+    import typer
+
+    @app.command()
+    def convert(dense_model: str = typer.Argument(..., help="dense llama / qwen2 / gemma3 model: hub id, dir, "
+                                                             ".gguf, smollm2 or gemma3-270m"),
+                experts: int = typer.Option(16, "--experts", help="routed experts per FFN"),
+                shared: int = typer.Option(2, "--shared", help="shared (always-on) experts per FFN"),
+                top_k: int = typer.Option(2, "--top-k", help="native k of the converted MoE"),
+                out: str = typer.Option(..., "--out", help="output directory (a normal transformers model dir)"),
+                calib: str = typer.Option("builtin", help="calibration text source"),
+                calib_blocks: int = typer.Option(8, help="blocks for activation profiling"),
+                seq_len: int = typer.Option(512, help="tokens per block"),
+                calibrate_steps: int = typer.Option(0, "--calibrate-steps",
+                                                    help="router calibration steps against the dense model (0 = off)"),
+                refit: bool = typer.Option(False, help="least-squares refit of expert down projections"),
+                activation_topk: int = typer.Option(10, help="K_a: neurons marked per token when profiling"),
+                seed: int = typer.Option(0),
+                no_progress: bool = typer.Option(False, "--no-progress")):
+        """CMoE: convert a dense model into an MoE (training-free; optional router calibration)."""
+        from .data import make_blocks
+        from .errors import UserError
+        from .models import load_causal_lm
+
+        dense, tok = load_causal_lm(dense_model, dtype="float32", device="cpu")
+        if tok is None:
+            raise UserError(f"'{dense_model}' has no tokenizer; calibration text cannot be tokenised")
+        blocks = make_blocks(tok, calib, calib_blocks, seq_len, split="train", seed=seed)
+        try:
+            moe = convert_dense(dense, tok, blocks, num_experts=experts, num_shared=shared, top_k=top_k,
+                                activation_topk=activation_topk, seed=seed, progress=not no_progress)
+            if calibrate_steps > 0 or refit:
+                more = make_blocks(tok, calib, 16, seq_len, split="train", seed=seed + 1)
+                if calibrate_steps > 0:
+                    calibrate_routers(moe, dense, more, steps=calibrate_steps, seed=seed, progress=not no_progress)
+                if refit:
+                    refit_down_proj(moe, dense, more, progress=not no_progress)
+        except ValueError as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(str(e)) from None
+        save_converted(moe, tok, out)
+        print(f"converted {dense_model}: {experts} routed + {shared} shared experts per FFN, top-{top_k} -> {out}")
