@@ -28,22 +28,22 @@ from .errors import ModelError, UserError
 class DemoConfig:
     model: str = "smollm2"
     out: str = "demo-out"
-    experts: int = 8  # routed experts per FFN
+    experts: int = 7  # routed experts per FFN (E + S must divide the FFN size: SmolLM2 1536 = 8 x 192)
     shared: int = 1  # shared experts per FFN
-    top_k: int = 5  # native k of the converted MoE
+    top_k: int = 4  # native k of the converted MoE (1 + 4 of 8 experts = 62.5% of FFN neurons)
     reduced_k: int = 3  # the reduced k the Hook compensates
     tlnle_l: Optional[int] = None  # first layer at k-1 for the TLNLE row (default: upper half)
     calib_src: str = "builtin"
     seq_len: int = 512
     convert_blocks: int = 8
     router_blocks: int = 16
-    router_steps: int = 300
+    router_steps: int = 200
     refit: bool = True
     eval_blocks: int = 16
     hook_layer: Optional[int] = None  # default: the middle layer
-    hook_blocks: int = 64
+    hook_blocks: int = 32
     hook_seq_len: int = 256
-    hook_steps: int = 200
+    hook_steps: int = 100
     hook_lr: float = 1e-3
     hook_objective: str = "kd"
     seed: int = 0
