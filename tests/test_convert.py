@@ -325,7 +325,7 @@ def test_smollm2_real_weights_exact():
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     dense = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
     text = torch.randint(100, 40000, (2, 64), generator=torch.Generator().manual_seed(0))
-    moe = convert_dense(dense, None, text, num_experts=14, num_shared=2, top_k=2, progress=False)
+    moe = convert_dense(dense, None, text, num_experts=14, num_shared=2, top_k=2, kmeans_iters=1, progress=False)
     assert moe.config.moe_intermediate_size == 96
     x = text[:1, :48]
     with torch.no_grad():
