@@ -135,10 +135,10 @@ def _register_optional_commands() -> None:
     for mod in ("hook", "train", "evaluate", "search", "bench", "convert", "demo"):
         try:
             m = importlib.import_module(f".{mod}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name == f"{__package__}.{mod}":
-                continue
-            raise
+        except ImportError:
+            # a feature that needs a newer transformers (e.g. convert on 5.17) must not take the other
+            # commands down with it; on supported versions every module imports (the tests check)
+            continue
         register = getattr(m, "register_cli", None)
         if register is not None:
             register(app)

@@ -521,8 +521,14 @@ def _register_converted_type() -> None:
     import importlib
     import importlib.util
 
-    if importlib.util.find_spec(f"{__package__}.cmoe_model") is not None:
+    if importlib.util.find_spec(f"{__package__}.cmoe_model") is None:
+        return
+    try:
         importlib.import_module(".cmoe_model", __package__)
+    except ImportError:
+        # the converted-model class needs transformers >= 5.23 (SubConfigSpec); every other model still
+        # loads, and loading a converted directory then fails with transformers' unknown-type error
+        pass
 
 
 def _load_tokenizer(spec: str):
