@@ -313,3 +313,67 @@ def test_generate_with_plan_counts_every_step(tiny_models):
     # prompt tokens + 3 decode steps x 2 sequences (the 4th token needs no forward)
     assert patch.stats.tokens == real_prompt + 3 * 2
     assert patch.stats.act() == pytest.approx(2.0)
+
+
+def _old_dynamic(rule, logits, w, idx, cap, score, renorm):
+    """The straightforward implementation (argsort, keep_sorted, scatter back), for bit-for-bit comparison."""
+    from hookmoe.routing import keep_sorted, router_probs
+
+    probs = router_probs(logits, score)
+    p = probs.gather(-1, idx)
+    order = p.argsort(-1, descending=True)
+    keep_s = keep_sorted(rule, p.gather(-1, order), probs, cap)
+    keep = torch.zeros_like(keep_s).scatter(-1, order, keep_s)
+    new_w = w * keep.to(w.dtype)
+    if renorm:
+        new_w = new_w * (w.sum(-1, keepdim=True) / new_w.sum(-1, keepdim=True).clamp_min(1e-20))
+    return new_w, keep
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_fast_selector_is_bit_identical_to_sort_and_scatter(score):
+    from hookmoe.routing import Dynamic, make_selector
+
+    g = torch.Generator().manual_seed(3)
+    n, e = 257, 16
+    logits = torch.randn(n, e, generator=g) * 2
+    rules = [Dynamic("topp", 0.45), Dynamic("topp", 0.9), Dynamic("ratio", 0.7), Dynamic("naee", 0.3),
+             Dynamic("entropy", thresholds=(2.4, 2.0, 2.6)), Dynamic("entropy", thresholds=(1.5,))]
+    probs = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
+    dropped = set()  # rules that dropped some candidate somewhere (the comparison is not vacuous)
+    for k, cap in [(4, 4), (6, 3), (1, 1)]:
+        top_w, top_i = probs.topk(k, -1)
+        shuffle = torch.rand(n, k, generator=g).argsort(-1)
+        for sorted_cand in (True, False):
+            w, idx = (top_w, top_i) if sorted_cand else (top_w.gather(-1, shuffle), top_i.gather(-1, shuffle))
+            for renorm in (False, True):
+                if renorm:
+                    w = w / w.sum(-1, keepdim=True)
+                for rule in rules:
+                    select = make_selector(rule, cap, score, renorm=renorm, sorted_candidates=sorted_cand)
+                    got_w, got_keep = select(logits, w, idx)
+                    want_w, want_keep = _old_dynamic(rule, logits, w, idx, cap, score, renorm)
+                    what = f"{rule.describe()} k={k} cap={cap} sorted={sorted_cand} renorm={renorm}"
+                    assert torch.equal(got_keep, want_keep), what
+                    assert torch.equal(got_w, want_w), what
+                    assert bool(got_keep.any(-1).all()), what
+                    if k > 1 and not bool(got_keep.all()):
+                        dropped.add(rule.describe())
+    assert len(dropped) >= 5, dropped
+
+
+def test_router_candidate_order_flags_match_the_routers(tiny_models):
+    """Routers flagged as sorting their candidates really return them by descending probability."""
+    from hookmoe.compat import router_sorts_candidates, split_router_output
+
+    for arch in ARCHS:
+        mm = tiny_models(arch)
+        router = mm.layers[0].router
+        if not router_sorts_candidates(router):
+            continue
+        x = torch.randn(64, mm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ro = split_router_output(router(x), mm.num_experts)
+        probs = ro.logits.float().softmax(-1)
+        p = probs.gather(-1, ro.index)
+        assert bool((p[:, :-1] >= p[:, 1:]).all()), arch

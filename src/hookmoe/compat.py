@@ -105,3 +105,17 @@ def in_backward() -> bool:
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
+
+
+# Routers whose top-k candidates come out of ``torch.topk(..., sorted=True)`` over the routing probabilities
+# (or over logits that the probabilities are monotone in): column 0 is the most probable candidate, column j
+# the (j+1)-th. DeepSeek-V2/V3 call ``topk(sorted=False)`` (and V3 selects by bias-corrected scores), so their
+# candidates come in no particular order. Checked against transformers 5.17 and 5.23.
+_SORTED_ROUTERS = frozenset({"MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "OlmoeTopKRouter",
+                             "GraniteMoeTopKRouter", "GptOssTopKRouter"})
+
+
+def router_sorts_candidates(router: torch.nn.Module) -> bool:
+    """Whether ``router`` returns its top-k candidates sorted by descending probability (column 0 = most
+    probable). Unknown routers: False (callers then sort)."""
+    return type(router).__name__ in _SORTED_ROUTERS

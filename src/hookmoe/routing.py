@@ -46,7 +46,8 @@ from typing import Any, Union
 
 import torch
 
-from .compat import enable_sentinels, in_backward, restore_sentinels, sentinel_skips, split_router_output
+from .compat import (enable_sentinels, in_backward, restore_sentinels, router_sorts_candidates, sentinel_skips,
+                     split_router_output)
 from .errors import PlanError
 
 # --------------------------------------------------------------------------------------------------
@@ -446,6 +447,88 @@ def keep_sorted(rule: Dynamic, p_sorted: torch.Tensor, probs: torch.Tensor, k_ca
     return keep
 
 
+def make_selector(rule: Dynamic, cap: int, score: str, *, renorm: bool, sorted_candidates: bool):
+    """The per-call work of a dynamic rule, with as few tensor ops as possible (it runs in every MoE layer of
+    every decode step): ``select(logits, weights, index) -> (new_weights, keep)``.
+
+    Same decisions as :func:`keep_sorted` on the candidates sorted by probability (bit for bit: the same
+    float32 operations on the same values), but no host sync, no Python loop over tokens, thresholds as
+    device tensors (made once per device), and no sort where the router already sorted its candidates
+    (``sorted_candidates``; column 0 is then the most probable) — ``ratio``/``naee`` need no order at all
+    (the top candidate's probability is a row maximum), ``entropy`` on sorted candidates needs no per-slot
+    probabilities. Unsorted candidates (DeepSeek) are sorted once (``torch.sort``) and the decisions
+    scattered back. ``renorm``: rescale the kept weights to the original total (renormalising architectures).
+    """
+    kind = rule.kind
+    consts: dict = {}
+
+    def thresholds(dev: torch.device, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rule constant, slot mask for k > cap) on ``dev``; entropy's constant is a per-slot vector of
+        negated thresholds: slot j is kept iff sum(p log p) < vec[j] (= -threshold j-1; +inf for slot 0,
+        -inf for slots no threshold count can reach or beyond the cap)."""
+        key = (dev, k)
+        c = consts.get(key)
+        if c is None:
+            f32 = dict(dtype=torch.float32, device=dev)
+            if kind == "topp":
+                t = torch.tensor(float(rule.value), **f32)
+            elif kind == "ratio":
+                t = torch.tensor(1.0 - float(rule.value), **f32)
+            elif kind == "naee":
+                t = torch.tensor(float(rule.value), **f32)
+            elif kind == "entropy":
+                th = sorted(float(x) for x in rule.thresholds)
+                vec = [math.inf] + [-x for x in th]
+                vec = [vec[j] if j < len(vec) and j < cap else -math.inf for j in range(k)]
+                vec[0] = math.inf
+                t = torch.tensor(vec, **f32)
+            else:  # pragma: no cover - parse guards this
+                raise PlanError(f"unknown dynamic rule {kind}")
+            slot_mask = torch.arange(k, device=dev) < cap if k > cap and kind != "entropy" else None
+            c = consts[key] = (t, slot_mask)
+        return c
+
+    def decide(p: torch.Tensor, probs: torch.Tensor, t: torch.Tensor, top_is_first: bool) -> torch.Tensor:
+        """keep per slot for candidates sorted by probability (``top_is_first``) or, for ratio/naee, in any order."""
+        if kind == "topp":
+            return (p.cumsum(-1) - p) < t  # mass of the slots ranked above; slot 0: exactly 0 < t
+        if kind in ("ratio", "naee"):
+            top = p[:, :1] if top_is_first else p.amax(-1, keepdim=True)
+            return p >= top * t  # the top slot always passes (t <= 1)
+        s = (probs * probs.clamp_min(1e-20).log()).sum(-1, keepdim=True)  # = -entropy, exactly
+        return s < t
+
+    def select(logits: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if logits.dim() != 2:
+            logits = logits.reshape(-1, logits.shape[-1])
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        if score == "sigmoid":
+            sg = logits.sigmoid()
+            probs = sg / sg.sum(-1, keepdim=True).clamp_min(1e-20)
+        else:
+            probs = logits.softmax(-1)
+        k = idx.shape[-1]
+        t, slot_mask = thresholds(logits.device, k)
+        if sorted_candidates and slot_mask is None:
+            p = probs if kind == "entropy" else probs.gather(-1, idx)
+            keep = decide(p, probs, t, True)
+        elif kind in ("ratio", "naee") and slot_mask is None:
+            keep = decide(probs.gather(-1, idx), probs, t, False)
+        else:  # sort the candidates, decide, scatter the decisions back to their slots
+            p_s, order = probs.gather(-1, idx).sort(-1, descending=True)
+            keep_s = decide(p_s, probs, t, True)
+            if slot_mask is not None:
+                keep_s = keep_s & slot_mask
+            keep = torch.empty_like(keep_s).scatter_(-1, order, keep_s)
+        new_w = torch.where(keep, w, 0.0)
+        if renorm:
+            new_w = new_w * (w.sum(-1, keepdim=True) / new_w.sum(-1, keepdim=True).clamp_min(1e-20))
+        return new_w, keep
+
+    return select
+
+
 # --------------------------------------------------------------------------------------------------
 # Counting
 # --------------------------------------------------------------------------------------------------
@@ -561,7 +644,8 @@ class RoutingPatch:
                 router.top_k = rule.max_k or mm.native_top_k
                 if sentinel:
                     self._restore_sentinel.append((layer.experts, enable_sentinels(layer.experts)))
-            self._handles.append(router.register_forward_hook(self._make_hook(layer.index, rule, sentinel)))
+            if isinstance(rule, Dynamic) or self._count:  # a static plan without counting needs no hook at all
+                self._handles.append(router.register_forward_hook(self._make_hook(layer.index, rule, sentinel, router)))
         self._handles.append(mm.model.register_forward_pre_hook(self._grab_mask, with_kwargs=True))
         self._handles.append(mm.model.register_forward_hook(self._drop_mask))
         mm._routing_patch = self
@@ -609,7 +693,7 @@ class RoutingPatch:
             return None
         return m[:, -t:].reshape(-1)
 
-    def _make_hook(self, layer_idx: int, rule: Rule, sentinel: bool):
+    def _make_hook(self, layer_idx: int, rule: Rule, sentinel: bool, router: torch.nn.Module):
         mm = self.mm
         num_experts, renorm_arch, score = mm.num_experts, mm.renormalize, mm.adapter.score
 
@@ -627,23 +711,28 @@ class RoutingPatch:
             return static_hook
 
         cap = rule.max_k or mm.native_top_k
+        select = make_selector(rule, cap, score, renorm=rule.renorm == "native" and renorm_arch,
+                               sorted_candidates=router_sorts_candidates(router))
+        counting = self._count
+        layout: list = []  # positions of (logits, weights, index) in the router's tuple, found on the first call
 
         def dynamic_hook(module, args, out):
-            ro = split_router_output(out, num_experts)
-            if ro.logits is None:
-                raise RuntimeError("dynamic routing needs router logits, which this router did not return")
-            w, idx = ro.weights, ro.index
-            probs = router_probs(ro.logits.reshape(-1, ro.logits.shape[-1]), score)
-            p = probs.gather(-1, idx)
-            order = p.argsort(-1, descending=True)
-            keep_s = keep_sorted(rule, p.gather(-1, order), probs, cap)
-            keep = torch.zeros_like(keep_s).scatter(-1, order, keep_s)
-            new_w = w * keep.to(w.dtype)
-            if rule.renorm == "native" and renorm_arch:
-                new_w = new_w * (w.sum(-1, keepdim=True) / new_w.sum(-1, keepdim=True).clamp_min(1e-20))
-            new_idx = torch.where(keep, idx, torch.full_like(idx, num_experts)) if sentinel else idx
-            count(idx, keep.sum(-1).float(), keep)
-            return ro.pack(new_w.to(w.dtype), new_idx)
+            if layout:
+                i_log, i_w, i_idx = layout
+                lg, w, idx = out[i_log], out[i_w], out[i_idx]
+            else:
+                ro = split_router_output(out, num_experts)
+                if ro.logits is None:
+                    raise RuntimeError("dynamic routing needs router logits, which this router did not return")
+                layout.extend(ro.order)
+                lg, w, idx = ro.logits, ro.weights, ro.index
+            new_w, keep = select(lg, w, idx)
+            if counting:
+                count(idx, keep.sum(-1).float(), keep)
+            new_idx = torch.where(keep, idx, num_experts) if sentinel else idx
+            res = [None, None, None]
+            res[layout[0]], res[layout[1]], res[layout[2]] = lg, new_w, new_idx
+            return tuple(res)
 
         return dynamic_hook
 
