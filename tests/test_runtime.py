@@ -298,3 +298,59 @@ def test_cuda_runtime_compiles_and_matches():  # pragma: no cover - CPU-only CI
         assert rt.describe()["compile"] is True and rt.describe()["cache"] == "static"
         got = rt.generate(p, 8).tokens
     assert (got == want).float().mean() >= 0.75  # bf16 + a different kernel order may flip a near-tie
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_lean_decode_step_is_bit_identical(arch, models):
+    """The runtime's own decode step (no mask builder / outer modules) gives exactly the model's logits and
+    tokens, with a dynamic plan and a Hook in force; unpadded batches use it, padded ones fall back."""
+    from hookmoe.hook import insert_hooks, remove_hooks
+
+    mm = models(arch)
+    p = _prompt(10, b=2, seed=4)
+    forced = _prompt(7, b=2, seed=5)
+    with R.Runtime(mm, lean=True) as rt:
+        assert rt.describe()["decode_step"].startswith("lean")
+    insert_hooks(mm, [mm.moe_layer_indices[0]], init="paper", seed=0)
+    try:
+        with mm.routing("ratio:0.5"):
+            with R.Runtime(mm, lean=False) as rt:
+                want = rt.generate(p, 8, decode_inputs=forced).tokens
+                want_greedy = rt.generate(p, 8).tokens
+            calls = []
+            orig = R._LeanDecoder.__call__
+
+            def spy(self, *a):
+                out = orig(self, *a)
+                calls.append(out)
+                return out
+
+            R._LeanDecoder.__call__ = spy
+            try:
+                with R.Runtime(mm) as rt:
+                    got = rt.generate(p, 8, decode_inputs=forced).tokens
+                    got_greedy = rt.generate(p, 8).tokens
+            finally:
+                R._LeanDecoder.__call__ = orig
+    finally:
+        remove_hooks(mm)
+    assert len(calls) == 14
+    assert torch.equal(got, want) and torch.equal(got_greedy, want_greedy)
+    # step logits equal the full forward's last-position logits (one forward over prompt + forced tokens)
+    with torch.no_grad(), mm.routing("ratio:0.5"):
+        R.set_experts(mm, "hookmoe")
+        full = mm.model(torch.cat([p, forced[:, :1]], -1)).logits[:, -1]
+        with R.Runtime(mm) as rt:
+            from transformers import DynamicCache
+            cache = DynamicCache(config=mm.config)
+            mm.model(p, past_key_values=cache, use_cache=True)
+            step = rt._lean(forced[:, :1], torch.full((2, 1), p.shape[1]), cache)[:, -1]
+    assert torch.allclose(step, full, atol=1e-5, rtol=1e-4)
+
+
+def test_lean_decode_step_refused_where_unsupported(models):
+    mm = models("gpt_oss")  # sliding-window layers: the mask matters
+    with pytest.raises(R.RuntimeOptionError, match="no lean decode step"):
+        R.Runtime(mm, lean=True)
+    with R.Runtime(mm) as rt:
+        assert rt.describe()["decode_step"] == "model forward"

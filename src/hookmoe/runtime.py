@@ -105,11 +105,22 @@ def host_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     s_total = flat.numel()
     if n == 1:  # one token (batch-1 decode): run its selected experts on views of their weights, no scatter
         y_sum = None
+        same = acc == hidden_states.dtype
+        # routing weights as Python floats: a float32 scalar multiply, the same numbers as a [1] tensor's
+        wts = wflat.tolist() if wflat.dtype == torch.float32 or same else None
         for s, e in enumerate(flat.tolist()):
             if 0 <= e < num_experts:
-                y = _expert(self, e, hidden_states).to(acc) * wflat[s:s + 1].to(acc)
-                y_sum = y if y_sum is None else y_sum + y
-        return (y_sum if y_sum is not None else torch.zeros_like(hidden_states)).to(hidden_states.dtype)
+                y = _expert(self, e, hidden_states)
+                if not same:
+                    y = y.to(acc)
+                y = y * (wts[s] if wts is not None else wflat[s:s + 1].to(acc))
+                if y_sum is None:
+                    y_sum = y
+                else:
+                    y_sum += y
+        if y_sum is None:
+            return torch.zeros_like(hidden_states)
+        return y_sum if same else y_sum.to(hidden_states.dtype)
     out = torch.zeros((n, hidden_states.shape[-1]), dtype=acc, device=hidden_states.device)
     if s_total <= SMALL_SLOTS:
         groups: dict[int, list[int]] = {}
@@ -348,6 +359,64 @@ class Generation:
         return (self.e2e_s - self.ttft_s) / (n - 1) if n > 1 else float("nan")
 
 
+# Decoder stacks whose batch-1 / unpadded decode step the runtime drives itself (``_LeanDecoder``): the model
+# body is embed_tokens -> rotary_emb -> layers(hidden, attention_mask, position_ids, past_key_values,
+# use_cache, position_embeddings) -> norm and the head a plain ``lm_head`` (checked against transformers 5.23).
+LEAN_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
+
+
+class _LeanDecoder:
+    """One decode step without the framework's per-call work that does not depend on the input: the causal
+    mask builder (for one new token with no padding and no sliding window the mask is ``None`` — full
+    attention to the cache, exactly what the stock path passes), position bookkeeping, output dataclasses
+    and the outer modules' call machinery. The decoder layers are called as the model's body calls them, so
+    routing plans (router hooks), Hooks (MoE-block pre-hooks) and the experts implementation all apply;
+    logits are bit-identical to ``model(...)`` (tests/test_runtime.py)."""
+
+    def __init__(self, mm):
+        self.mm = mm
+        self.body = mm.model.model
+        self.head = mm.model.lm_head
+        self.layers = list(self.body.layers[: mm.model.config.num_hidden_layers])
+
+    @staticmethod
+    def supported(mm) -> bool:
+        model = mm.model
+        cfg = model.config
+        body = getattr(model, "model", None)
+        if cfg.model_type not in LEAN_MODEL_TYPES or body is None or not isinstance(
+                getattr(model, "lm_head", None), torch.nn.Linear):
+            return False
+        if not all(hasattr(body, a) for a in ("embed_tokens", "rotary_emb", "layers", "norm")):
+            return False
+        if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+            return False
+        if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+            return False
+        return getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+
+    def usable(self) -> bool:
+        """No forward hooks on the skipped outer modules other than a routing plan's mask bookkeeping (which
+        only matters for padded batches, never taken here)."""
+        from .routing import RoutingPatch
+
+        for mod in (self.mm.model, self.body, self.head, self.body.embed_tokens, self.body.norm, self.body.rotary_emb):
+            for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
+                for fn in hooks.values():
+                    if not isinstance(getattr(fn, "__self__", None), RoutingPatch):
+                        return False
+        return True
+
+    def __call__(self, input_ids: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+        """Logits ``[B, 1, V]`` of one step; ``position``: ``[B, 1]`` positions of the new tokens."""
+        h = self.body.embed_tokens(input_ids)
+        pe = self.body.rotary_emb(h, position_ids=position)
+        for layer in self.layers:
+            h = layer(h, attention_mask=None, position_ids=position, past_key_values=cache, use_cache=True,
+                      position_embeddings=pe)
+        return self.head(self.body.norm(h))
+
+
 @dataclass
 class Runtime:
     """Fast greedy inference for an MoE model (see module docstring).
@@ -363,6 +432,7 @@ class Runtime:
     cache: str = "auto"
     experts: str = IMPL_NAME
     clock: str = "wall"
+    lean: Any = "auto"
     _prev_impl: str | None = field(default=None, init=False, repr=False)
     _compiled: Any = field(default=None, init=False, repr=False)
 
@@ -376,6 +446,13 @@ class Runtime:
             raise RuntimeOptionError(f"compile must be auto, true or false, got '{self.compile}'")
         if self.cache == "auto":
             self.cache = "static" if self.compile else "dynamic"
+        if self.lean not in ("auto", True, False):
+            raise RuntimeOptionError(f"lean must be auto, true or false, got '{self.lean}'")
+        supported = _LeanDecoder.supported(self.mm)
+        if self.lean is True and not supported:
+            raise RuntimeOptionError(f"no lean decode step for model type '{self.mm.model.config.model_type}' "
+                                     f"(supported: {', '.join(sorted(LEAN_MODEL_TYPES))}, without sliding window)")
+        self._lean = _LeanDecoder(self.mm) if supported and self.lean is not False and not self.compile else None
         self._clock = clock_fn(self.clock, dev)
         self._prev_impl = set_experts(self.mm, self.experts)
 
@@ -397,6 +474,7 @@ class Runtime:
             "default" if self.compile else None)
         return {"experts_implementation": self.experts, "device": str(dev), "dtype": str(self.mm.dtype),
                 "cache": self.cache, "compile": bool(self.compile), "compile_mode": mode,
+                "decode_step": "lean (batch without padding)" if self._lean is not None else "model forward",
                 "threads": torch.get_num_threads(), "clock": self.clock}
 
     # ---- forward helpers ------------------------------------------------------------------------
@@ -456,6 +534,8 @@ class Runtime:
             pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
         cache = self._new_cache(t + max_new_tokens)
         step = self._decode_fn()
+        lean = self._lean if (self._lean is not None and mask is None and self.cache == "dynamic"
+                              and self._lean.usable()) else None
         timer = _Timer(self._clock, dev)
         sync(dev)
         timer.start()
@@ -479,9 +559,12 @@ class Runtime:
             else:
                 step_pos = cp.view(1, 1).expand(b, 1) if self.compile else None
             feed = nxt if decode_inputs is None else decode_inputs[:, i - 1:i].to(dev)
-            out = step(input_ids=feed, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
-                       use_cache=True, cache_position=cp)
-            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+            if lean is not None:
+                step_logits = lean(feed, cp.view(1, 1).expand(b, 1), cache)
+            else:
+                step_logits = step(input_ids=feed, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                                   use_cache=True, cache_position=cp).logits
+            nxt = step_logits[:, -1, :].argmax(-1, keepdim=True)
             if done is not None:
                 nxt = torch.where(done.unsqueeze(-1), torch.full_like(nxt, eos_token_id), nxt)
                 done = done | (nxt.squeeze(-1) == eos_token_id)
