@@ -1,7 +1,10 @@
 """Where the time goes when reduced k falls short of its limit on the CPU (issue 5).
 
-Writes benchmarks/results/bench_profile.json with three measurements (one thread, process CPU clock):
+Writes benchmarks/results/bench_profile.json (``--out``) with these measurements (one thread, process CPU clock):
 
+* ``decode_breakdown``: one runtime decode step at native k and at k=1, split by component (attention,
+  its projections, router, routed / shared experts, norms, LM head) and by operator (torch.profiler), with
+  the time outside any operator (Python, module calls) — where the time goes that k does not remove;
 * ``decode``: one decode step of the runtime vs only the matrix-vector products that read the same weights
   (attention projections, router, the selected experts, LM head) — the difference is the per-step cost
   that does not shrink with k (framework/op overhead), per layer;
@@ -12,6 +15,8 @@ Writes benchmarks/results/bench_profile.json with three measurements (one thread
   a dynamic rule adds to every MoE layer of a decode step).
 
     python benchmarks/bench_profile.py [--scale 8] [--layers 4]
+    python benchmarks/bench_profile.py --preset qwen1.5-moe-a2.7b --layers 8 --breakdown-only \
+        --out benchmarks/results/bench_profile_qwen.json
 """
 
 from __future__ import annotations
@@ -54,9 +59,14 @@ def decode_profile(mm, k_values, repeats: int = 4, steps: int = 60) -> dict:
             out = mm.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             nxt = [out.logits[:, -1:].argmax(-1)]
 
+            lean = _lean(mm)
+
             def one():
-                o = mm.model(nxt[0], past_key_values=cache, use_cache=True)
-                nxt[0] = o.logits[:, -1:].argmax(-1)
+                if lean is not None:  # the runtime's decode step (what `hookmoe bench` times)
+                    logits = lean(nxt[0], torch.full((1, 1), cache.get_seq_length()), cache)
+                else:
+                    logits = mm.model(nxt[0], past_key_values=cache, use_cache=True).logits
+                nxt[0] = logits[:, -1:].argmax(-1)
 
             return cpu_ms(one, steps)
 
@@ -74,6 +84,11 @@ def decode_profile(mm, k_values, repeats: int = 4, steps: int = 60) -> dict:
                 for e in sel:
                     h = F.linear(x, ex.gate_up_proj[e])
                     F.linear(h[:, : h.shape[1] // 2], ex.down_proj[e])
+                sh = getattr(layer.mlp, "shared_expert", None)
+                if sh is not None:
+                    F.linear(F.linear(x, sh.up_proj.weight), sh.down_proj.weight)
+                    F.linear(x, sh.gate_proj.weight)
+                    F.linear(x, layer.mlp.shared_expert_gate.weight)
             F.linear(x, mm.model.lm_head.weight)
 
         return cpu_ms(one, steps)
@@ -94,6 +109,100 @@ def decode_profile(mm, k_values, repeats: int = 4, steps: int = 60) -> dict:
     out["note"] = ("step = one runtime decode step (CPU ms); matmuls = only the matrix-vector products reading "
                    "the same weights; overhead = step - matmuls, which does not shrink with k")
     return out
+
+
+def _lean(mm):
+    from hookmoe.runtime import _LeanDecoder
+
+    return _LeanDecoder(mm) if _LeanDecoder.supported(mm) else None
+
+
+def decode_breakdown(mm, k: int, steps: int = 100, context: int = 256) -> dict:
+    """Where one decode step's time goes (runtime decode step, top-``k``, ``context`` cached tokens):
+    CPU ms per step of each component (timed by wrapping its forward) and torch.profiler's top operators
+    by self CPU time; ``matmul_ms`` is the time inside aten::mm/addmm/bmm (the weight-reading work that the
+    limit models), ``other_ms`` everything else (framework and small-op overhead)."""
+    from collections import Counter, defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    for layer in mm.layers:
+        layer.router.top_k = k
+    acc: dict = defaultdict(float)
+    wrapped = []
+
+    def wrap(mod, name):
+        f = mod.forward
+
+        def g(*a, **kw):
+            c0 = time.process_time()
+            r = f(*a, **kw)
+            acc[name] += time.process_time() - c0
+            return r
+
+        mod.forward = g
+        wrapped.append(mod)
+
+    for layer in mm.model.model.layers:
+        a = layer.self_attn
+        wrap(a, "attention (all)")
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if hasattr(a, n):
+                wrap(getattr(a, n), "attention projections")
+        wrap(layer.mlp, "MoE block (all)")
+        wrap(layer.mlp.experts, "routed experts")
+        blk = layer.mlp
+        router = getattr(blk, "gate", None) or getattr(blk, "router")
+        wrap(router, "router")
+        if hasattr(blk, "shared_expert"):
+            wrap(blk.shared_expert, "shared expert")
+        wrap(layer.input_layernorm, "norms")
+        wrap(layer.post_attention_layernorm, "norms")
+    wrap(mm.model.lm_head, "LM head")
+    lean = _lean(mm)
+    ids = torch.randint(3, mm.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    tok = torch.randint(3, mm.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.inference_mode():
+            cache = DynamicCache(config=mm.config)
+            mm.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+            def one():
+                if lean is not None:
+                    lean(tok, torch.full((1, 1), cache.get_seq_length()), cache)
+                else:
+                    mm.model(tok, past_key_values=cache, use_cache=True)
+                cache.crop(-1)
+
+            for _ in range(10):
+                one()
+            acc.clear()
+            total = cpu_ms(one, steps)
+            parts = {name: v / steps * 1e3 for name, v in acc.items()}
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(20):
+                    one()
+    finally:
+        for mod in wrapped:
+            mod.__dict__.pop("forward", None)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    prof_total = sum(e.self_cpu_time_total for e in ops) / 20 / 1e3
+    mm_ms = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 20 / 1e3
+    calls = Counter()
+    for e in ops:
+        calls[e.key] += e.count
+    return {
+        "k": k, "context": context, "step_ms": total, "components_ms": dict(sorted(parts.items())),
+        "profiler": {"ops_ms": prof_total, "matmul_ms": mm_ms, "other_ops_ms": prof_total - mm_ms,
+                     "ops_per_step": sum(e.count for e in ops) // 20,
+                     "top_ops": [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 20 / 1e3,
+                                  "calls_per_step": e.count / 20} for e in ops[:12]]},
+        "python_and_dispatch_ms": total - prof_total,
+        "note": "components overlap (attention (all) includes its projections; MoE block (all) includes router, "
+                "routed and shared experts); ops_ms = time inside aten operators; python_and_dispatch_ms = "
+                "step_ms - ops_ms (interpreter, module calls, hooks)",
+    }
 
 
 def gemm_profile(hidden: int, inter: int, experts: int, rows=(64, 128, 256, 512, 1024)) -> dict:
@@ -126,7 +235,7 @@ def attention_profile(heads: int, head_dim: int, lengths=(1024, 2048, 4096)) -> 
     return out
 
 
-def routing_profile(mm, plans=("topk:2", "topp:0.5", "naee:0.5")) -> dict:
+def routing_profile(mm, plans=("topk:2", "topp:0.5", "ratio:0.5", "naee:0.5", "entropy:t=1.0/1.5")) -> dict:
     """One router call for one token (decode): bare, and with each plan's hook (count=False, as timed)."""
     from hookmoe.routing import apply_plan
 
@@ -153,6 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=float, default=8)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--breakdown-only", action="store_true", help="only the decode breakdown (both k)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     mm = random_model(args.preset, scale=args.scale, layers=args.layers, device="cpu")
@@ -163,6 +273,15 @@ def main(argv=None) -> int:
         "machine": machine_info(),
         "model": mm.source,
         "clock": "process CPU time, 1 thread",
+        "decode_breakdown": {f"k{k}": decode_breakdown(mm, k) for k in (mm.native_top_k, 1)},
+    }
+    if args.breakdown_only:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res["decode_breakdown"], indent=1))
+        print(f"wrote {args.out}")
+        return 0
+    res |= {
         "decode": decode_profile(mm, (mm.native_top_k, 1)),
         "expert_gemm": gemm_profile(int(cfg["hidden_size"]), inter, mm.num_experts),
         "attention": attention_profile(int(cfg["num_attention_heads"]), int(cfg.get("head_dim") or 128)),
@@ -170,7 +289,8 @@ def main(argv=None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps({k: res[k] for k in ("decode", "expert_gemm", "attention", "router_call")}, indent=1))
+    print(json.dumps({k: res[k] for k in ("decode_breakdown", "decode", "expert_gemm", "attention", "router_call")},
+                     indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -22,7 +22,10 @@ goes to per-kernel / per-op overhead, not expert math. Two parts fix that:
      rules included).
 
 2. **:class:`Runtime`** — greedy generation on an :class:`~hookmoe.models.MoEModel` through the fastest
-   path for the device at hand (``describe()`` says which): the ``hookmoe`` experts; on CUDA a static KV
+   path for the device at hand (``describe()`` says which): the ``hookmoe`` experts; for unpadded batches
+   of Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE (no sliding window) its own decode step (``lean``), which
+   calls the decoder layers directly and skips the mask builder, position bookkeeping, output dataclasses and
+   outer-module machinery of ``model(...)`` (bit-identical logits; ``lean=False`` turns it off); on CUDA a static KV
    cache (length bucketed to 256) and a ``torch.compile``-d decode step (``mode="reduce-overhead"`` = CUDA
    graphs); on CPU eager with a dynamic cache — measured on Mixtral-8x7B shapes /8 (4 layers, 1 thread): a
    compiled decode step was 1-4 % faster per token after 10-40 s of compilation per plan, and did not
