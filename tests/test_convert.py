@@ -24,7 +24,15 @@ from transformers import (
 
 import hookmoe.cmoe_model as cmoe_model  # noqa: F401  (registers the model type)
 from hookmoe.cmoe_model import CMoESparseBlock, HookmoeCMoEForCausalLM
-from hookmoe.convert import calibrate_routers, convert_dense, heldout_kl, save_converted
+from hookmoe.convert import (
+    calibrate_routers,
+    convert_dense,
+    default_activation_topk,
+    distill_moe,
+    finetune_parameters,
+    heldout_kl,
+    save_converted,
+)
 
 E, S, K = 6, 2, 2  # 128 / (6 + 2) = 16 neurons per expert
 VOCAB = 300
@@ -141,7 +149,7 @@ def test_save_and_reload_identical(converted, tmp_path):
     for name in ("config.json", "model.safetensors", "cmoe.json", "tokenizer.json"):
         assert os.path.exists(os.path.join(out, name)), name
     info = json.load(open(os.path.join(out, "cmoe.json")))
-    assert info["num_experts"] == E and info["num_shared_experts"] == S and info["activation_topk"] == 10
+    assert info["num_experts"] == E and info["num_shared_experts"] == S and info["activation_topk"] == default_activation_topk(TINY["intermediate_size"]) == 8
     assert info["base_model_type"] == arch and "timings_s" in info and info["calib_tokens"] == 8 * 32
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert isinstance(loaded, HookmoeCMoEForCausalLM)
@@ -308,6 +316,39 @@ def test_router_calibration_end_to_end_objectives(objective):
     assert all(p.requires_grad for p in moe.parameters())  # trainability restored afterwards
     with pytest.raises(ValueError, match="objective"):
         calibrate_routers(moe, dense, calib, steps=1, objective="nope", progress=False)
+
+
+# (g) KD fine-tune of the MoE blocks ---------------------------------------------------------------------
+@pytest.mark.parametrize("train", ["moe", "experts", "routers"])
+def test_distill_moe_lowers_heldout_kl_and_trains_only_its_part(train):
+    dense = tiny_dense("llama", seed=5, initializer_range=0.08)
+    calib = blocks(16, 32, 21)
+    moe = convert_dense(dense, None, calib, num_experts=E, num_shared=S, top_k=K, progress=False)
+    moe.set_experts_implementation("eager")
+    trained = {id(p) for p in finetune_parameters(moe, train)}
+    names = {n for n, p in moe.named_parameters() if id(p) in trained}
+    assert names and all(".mlp." in n for n in names)  # attention, norms, embeddings never train
+    assert all((".gate." in n) == (train == "routers") for n in names) or train == "moe"
+    weights0 = {n: p.detach().clone() for n, p in moe.named_parameters()}
+    # random tokens do not generalise: the KL that must fall is the one on the fine-tune text itself
+    metrics = distill_moe(moe, dense, calib, steps=40, lr=1e-3, batch_size=8, train=train, eval_blocks=calib,
+                          progress=False)
+    assert metrics["after"]["kl"] < 0.8 * metrics["before"]["kl"], metrics
+    for n, p in moe.named_parameters():
+        assert torch.equal(p, weights0[n]) == (n not in names), n
+    assert all(p.requires_grad for p in moe.parameters())  # trainability restored afterwards
+    assert moe.cmoe_info["finetune"]["after"]["kl"] == metrics["after"]["kl"]
+
+
+def test_distill_moe_rejects_bad_arguments():
+    dense = tiny_dense("qwen2")
+    moe = convert_dense(dense, None, blocks(4, 16, 1), num_experts=E, num_shared=S, top_k=K, progress=False)
+    with pytest.raises(ValueError, match="train must be one of"):
+        distill_moe(moe, dense, blocks(4, 16, 2), steps=1, train="attention", progress=False)
+    with pytest.raises(ValueError, match="non-empty"):
+        distill_moe(moe, dense, torch.zeros(0, 16, dtype=torch.long), steps=1, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        distill_moe(moe, dense, blocks(4, 16, 2), steps=-1, progress=False)
 
 
 # real weights -----------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """``hookmoe demo``: the whole story, offline, on a real-weight model (CPU, minutes).
 
-dense SmolLM2-135M (or Gemma-3-270M) → CMoE conversion + router calibration → perplexity on held-out
+dense SmolLM2-135M (or Gemma-3-270M) → CMoE conversion (+ optional router calibration) + KD fine-tune of
+the MoE blocks against the dense model → perplexity on held-out
 text for: dense, MoE at native k, MoE at reduced k (uniform and TLNLE), MoE at reduced k + a trained Hook
 → a report directory (table, JSON, plot, hook artifact).
 
-Calibration, router calibration and hook training use the ``train`` split of the offline corpus;
+Calibration, router calibration, fine-tuning and hook training use the ``train`` split of the offline corpus;
 perplexity is measured on the ``heldout`` split, which shares no document with it (data.py).
 """
 
@@ -28,17 +29,21 @@ from .errors import ModelError, UserError
 class DemoConfig:
     model: str = "smollm2"
     out: str = "demo-out"
-    experts: int = 7  # routed experts per FFN (E + S must divide the FFN size: SmolLM2 1536 = 8 x 192)
-    shared: int = 1  # shared experts per FFN
-    top_k: int = 4  # native k of the converted MoE (1 + 4 of 8 experts = 62.5% of FFN neurons)
+    experts: int = 6  # routed experts per FFN (E + S must divide the FFN size: SmolLM2 1536 = 8 x 192)
+    shared: int = 2  # shared experts per FFN
+    top_k: int = 4  # native k of the converted MoE (2 + 4 of 8 experts = 75% of FFN neurons)
     reduced_k: int = 3  # the reduced k the Hook compensates
     tlnle_l: Optional[int] = None  # first layer at k-1 for the TLNLE row (default: upper half)
     calib_src: str = "builtin"
     seq_len: int = 512
     convert_blocks: int = 8
     router_blocks: int = 16
-    router_steps: int = 200
-    refit: bool = True
+    router_steps: int = 0  # router calibration (layer-local); measured to buy little next to the fine-tune
+    finetune_steps: int = 60  # KD fine-tune of the MoE blocks (routers + experts) against the dense model
+    finetune_lr: float = 3e-4
+    finetune_blocks: int = 64
+    finetune_seq_len: int = 256
+    finetune_batch: int = 4
     eval_blocks: int = 16
     hook_layer: Optional[int] = None  # default: the middle layer
     hook_blocks: int = 32
@@ -134,6 +139,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         convert_blocks = make_blocks(tok, cfg.calib_src, cfg.convert_blocks, cfg.seq_len, split="train", **kw)
         router_blocks = make_blocks(tok, cfg.calib_src, cfg.router_blocks, cfg.seq_len, split="train",
                                     seed=cfg.seed + 1, progress=False)
+        finetune_blocks = make_blocks(tok, cfg.calib_src, cfg.finetune_blocks, cfg.finetune_seq_len,
+                                      split="train", seed=cfg.seed + 4, progress=False)
         hook_blocks = make_blocks(tok, cfg.calib_src, cfg.hook_blocks, cfg.hook_seq_len, split="train",
                                   seed=cfg.seed + 2, progress=False)
         val_blocks = make_blocks(tok, cfg.calib_src, 8, cfg.hook_seq_len, split="train", seed=cfg.seed + 3,
@@ -155,9 +162,19 @@ def run_demo(cfg: DemoConfig) -> dict:
         with _Stage(cfg, "router calibration"):
             calib_metrics = cv.calibrate_routers(moe, dense, router_blocks, steps=cfg.router_steps,
                                                  seed=cfg.seed, progress=cfg.progress)
-    if cfg.refit:
-        with _Stage(cfg, "down-projection refit"):
-            calib_metrics["refit"] = cv.refit_down_proj(moe, dense, router_blocks, progress=cfg.progress)
+    native_before = None
+    if cfg.finetune_steps > 0:
+        mm0 = MoEModel(moe.eval(), tok, source="converted")
+        with _Stage(cfg, "eval MoE native k before fine-tune"):
+            r = _ppl(mm0, eval_blocks, "native", progress=cfg.progress, label="before fine-tune")
+        native_before = r["ppl"]
+        rows.append({"name": "MoE native k, training-free (before fine-tune)", "plan": "native", "act": r["act"],
+                     "ffn_active_pct": 100.0 * (cfg.shared + (r["act"] or 0)) / (cfg.experts + cfg.shared),
+                     "ppl": r["ppl"], "params_active": r.get("params_active")})
+        with _Stage(cfg, "MoE fine-tune"):
+            ft_metrics = cv.distill_moe(moe, dense, finetune_blocks, steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                                        batch_size=cfg.finetune_batch, seed=cfg.seed, progress=cfg.progress)
+        calib_metrics = {"router_calibration": calib_metrics, "finetune": ft_metrics}
     mm = MoEModel(moe.eval(), tok, source=f"{cfg.model} (CMoE E{cfg.experts} S{cfg.shared} K{cfg.top_k})")
     per_neuron_pct = 100.0 / (cfg.experts + cfg.shared)
 
@@ -203,7 +220,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     result = {
         "model": cfg.model, "gguf": str(gguf), "config": {k: v for k, v in asdict(cfg).items() if k != "stage_times"},
         "rows": rows, "gap_recovered_pct": recovered, "checks": checks,
-        "router_calibration": _jsonable(calib_metrics), "hook": {"layer": hook_layer, "metrics": _jsonable(res.metrics)},
+        "conversion": _jsonable(calib_metrics), "native_ppl_before_finetune": native_before, "hook": {"layer": hook_layer, "metrics": _jsonable(res.metrics)},
         "stage_times_s": cfg.stage_times, "total_time_s": round(time.perf_counter() - t_all, 1),
         "machine": _machine(),
     }
@@ -245,7 +262,9 @@ def write_report(result: dict, out: Path) -> None:
     cfg = result["config"]
     md = [f"# hookmoe demo — {result['model']}", "",
           f"CMoE conversion: {cfg['experts']} routed + {cfg['shared']} shared experts per FFN, native k = "
-          f"{cfg['top_k']}, reduced k = {cfg['reduced_k']}; Hook at layer {result['hook']['layer']} "
+          f"{cfg['top_k']}, reduced k = {cfg['reduced_k']}; router calibration {cfg['router_steps']} steps; KD "
+          f"fine-tune of the MoE blocks {cfg['finetune_steps']} steps × {cfg['finetune_batch']} × "
+          f"{cfg['finetune_seq_len']} tokens; Hook at layer {result['hook']['layer']} "
           f"({cfg['hook_objective']} objective, {cfg['hook_steps']} steps). Perplexity on {cfg['eval_blocks']} × "
           f"{cfg['seq_len']} held-out tokens of `{cfg['calib_src']}` (never used for calibration or training).", "",
           table_markdown(result), "", "## Checks", ""]
@@ -284,7 +303,8 @@ def register_cli(app) -> None:
              reduced_k: int = typer.Option(DemoConfig.reduced_k, help="reduced k for the Hook to compensate"),
              router_steps: int = typer.Option(DemoConfig.router_steps, "--calibrate-steps",
                                               help="router calibration steps (0 = training-free CMoE)"),
-             refit: bool = typer.Option(DemoConfig.refit, help="least-squares refit of expert down projections"),
+             finetune_steps: int = typer.Option(DemoConfig.finetune_steps, "--finetune-steps",
+                                                help="KD fine-tune steps of the MoE blocks (0 = off)"),
              hook_layer: Optional[int] = typer.Option(None, help="Hook layer (default: the middle layer)"),
              hook_steps: int = typer.Option(DemoConfig.hook_steps, help="Hook training steps"),
              eval_blocks: int = typer.Option(DemoConfig.eval_blocks, help="held-out blocks of 512 tokens"),
@@ -295,7 +315,7 @@ def register_cli(app) -> None:
         from rich.markdown import Markdown
 
         cfg = DemoConfig(model=model, out=str(out), experts=experts, shared=shared, top_k=top_k,
-                         reduced_k=reduced_k, router_steps=router_steps, refit=refit, hook_layer=hook_layer,
+                         reduced_k=reduced_k, router_steps=router_steps, finetune_steps=finetune_steps, hook_layer=hook_layer,
                          hook_steps=hook_steps, eval_blocks=eval_blocks, seed=seed, progress=not no_progress)
         result = run_demo(cfg)
         Console().print(Markdown(table_markdown(result)))
