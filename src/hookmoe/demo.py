@@ -48,6 +48,7 @@ class DemoConfig:
     hook_layer: Optional[int] = None  # default: the middle layer
     hook_blocks: int = 256  # 32 blocks over-fit: train KL fell, held-out KL did not (measured)
     hook_seq_len: int = 256
+    val_blocks: int = 4  # hook validation (best-step selection)
     hook_steps: int = 100
     hook_lr: float = 1e-3
     hook_objective: str = "kd"
@@ -66,10 +67,11 @@ def locate_model(name: str, *, install: bool = True) -> Path:
     from .models import OFFLINE_MODELS, offline_gguf
 
     if name not in OFFLINE_MODELS:
-        p = Path(name)
-        if p.suffix == ".gguf" and p.is_file():
+        p = Path(name).expanduser()
+        if (p.suffix == ".gguf" and p.is_file()) or (p.is_dir() and (p / "config.json").is_file()):
             return p
-        raise ModelError(f"demo model must be one of {', '.join(OFFLINE_MODELS)} or a .gguf file, got '{name}'")
+        raise ModelError(f"demo model must be one of {', '.join(OFFLINE_MODELS)}, a .gguf file or a local dense "
+                         f"model directory, got '{name}'")
     try:
         return offline_gguf(name)
     except ModelError:
@@ -144,7 +146,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                       split="train", seed=cfg.seed + 4, progress=False)
         hook_blocks = make_blocks(tok, cfg.calib_src, cfg.hook_blocks, cfg.hook_seq_len, split="train",
                                   seed=cfg.seed + 2, progress=False)
-        val_blocks = make_blocks(tok, cfg.calib_src, 8, cfg.hook_seq_len, split="train", seed=cfg.seed + 3,
+        val_blocks = make_blocks(tok, cfg.calib_src, cfg.val_blocks, cfg.hook_seq_len, split="train", seed=cfg.seed + 3,
                                  progress=False)
         eval_blocks = make_blocks(tok, cfg.calib_src, cfg.eval_blocks, cfg.seq_len, split="heldout", **kw)
 

@@ -1,0 +1,66 @@
+"""``hookmoe demo`` end to end on a tiny random dense llama saved as a local directory (minutes-long
+budgets cut to seconds): every stage runs, the report, JSON, hook artifact and the saved MoE exist and
+are consistent. The real-weight run is a script (`make demo`), never a timed test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import hookmoe
+from hookmoe.demo import DemoConfig, locate_model, run_demo
+from hookmoe.errors import ModelError
+from hookmoe.models import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=259, max_position_embeddings=256,
+                      bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    d = tmp_path_factory.mktemp("dense")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_demo_runs_every_stage_on_a_local_dense_model(dense_dir, tmp_path):
+    out = tmp_path / "report"
+    cfg = DemoConfig(model=str(dense_dir), out=str(out), experts=6, shared=2, top_k=4, reduced_k=3, seq_len=32,
+                     convert_blocks=4, router_steps=2, router_blocks=4, finetune_steps=3, finetune_blocks=8,
+                     finetune_seq_len=32, finetune_batch=2, eval_blocks=2, hook_blocks=8, hook_seq_len=32,
+                     hook_steps=3, val_blocks=2, threads=1, progress=False)
+    result = run_demo(cfg)
+    names = [r["name"] for r in result["rows"]]
+    assert names[:3] == ["dense", "MoE native k, training-free (before fine-tune)", "MoE native k"]
+    assert any(n.startswith("MoE reduced k + Hook@") for n in names)
+    by = {r["name"]: r for r in result["rows"]}
+    assert by["MoE native k"]["act"] == pytest.approx(4.0) and by["MoE native k"]["ffn_active_pct"] == 75.0
+    assert by["MoE reduced k (uniform)"]["act"] == pytest.approx(3.0)
+    assert 3.0 < by["MoE reduced k (TLNLE)"]["act"] < 4.0
+    assert all(r["ppl"] > 1.0 for r in result["rows"])
+    assert set(result["checks"]) == {"native_within_10pct_of_dense", "native_ffn_active_le_75pct",
+                                     "reduced_ge_15pct_worse_than_native", "hook_recovers_ge_30pct_of_gap"}
+    assert result["conversion"]["finetune"]["steps"] == 3
+    assert result["conversion"]["router_calibration"]["steps"] == 2
+    for f in ("report.md", "demo.json", "hook/hookmoe.json", "hook/hook.safetensors", "moe/config.json",
+              "moe/cmoe.json"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "demo.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert "Hook recovers" in (out / "report.md").read_text()
+    # the saved MoE loads as an MoE and is the fine-tuned one (its cmoe.json carries the fine-tune record)
+    mm = hookmoe.load(str(out / "moe"), dtype="float32", device="cpu")
+    assert mm.native_top_k == 4 and len(mm.layers) == 4
+    assert json.loads((out / "moe" / "cmoe.json").read_text())["finetune"]["steps"] == 3
+
+
+def test_demo_rejects_unknown_models_and_bad_k(tmp_path):
+    with pytest.raises(ModelError, match="demo model must be one of"):
+        locate_model(str(tmp_path / "missing.bin"), install=False)
+    from hookmoe.errors import UserError
+    with pytest.raises(UserError, match="reduced k"):
+        run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), top_k=4, reduced_k=4))
