@@ -39,7 +39,7 @@ class DemoConfig:
     convert_blocks: int = 8
     router_blocks: int = 16
     router_steps: int = 0  # router calibration (layer-local); measured to buy little next to the fine-tune
-    finetune_steps: int = 60  # KD fine-tune of the MoE blocks (routers + experts) against the dense model
+    finetune_steps: int = 45  # KD fine-tune of the MoE blocks (routers + experts) against the dense model
     finetune_lr: float = 3e-4
     finetune_blocks: int = 256  # distinct 256-token blocks: fewer than steps x batch over-fits
     finetune_seq_len: int = 256
@@ -49,7 +49,7 @@ class DemoConfig:
     hook_blocks: int = 256  # 32 blocks over-fit: train KL fell, held-out KL did not (measured)
     hook_seq_len: int = 256
     val_blocks: int = 4  # hook validation (best-step selection)
-    hook_steps: int = 100
+    hook_steps: int = 80
     hook_lr: float = 1e-3
     hook_objective: str = "kd"
     save_moe: bool = True  # write the converted (and fine-tuned) MoE to <out>/moe
@@ -146,8 +146,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                                       split="train", seed=cfg.seed + 4, progress=False)
         hook_blocks = make_blocks(tok, cfg.calib_src, cfg.hook_blocks, cfg.hook_seq_len, split="train",
                                   seed=cfg.seed + 2, progress=False)
-        val_blocks = make_blocks(tok, cfg.calib_src, cfg.val_blocks, cfg.hook_seq_len, split="train", seed=cfg.seed + 3,
-                                 progress=False)
+        val_blocks = make_blocks(tok, cfg.calib_src, cfg.val_blocks, cfg.hook_seq_len, split="train",
+                                 seed=cfg.seed + 3, progress=False)
         eval_blocks = make_blocks(tok, cfg.calib_src, cfg.eval_blocks, cfg.seq_len, split="heldout", **kw)
 
     dense_view = SimpleNamespace(model=dense, tokenizer=tok, config=dense.config, device=torch.device("cpu"))
@@ -160,10 +160,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     with _Stage(cfg, "convert"):
         moe = cv.convert_dense(dense, tok, convert_blocks, num_experts=cfg.experts, num_shared=cfg.shared,
                                top_k=cfg.top_k, seed=cfg.seed, progress=cfg.progress)
-    calib_metrics: dict = {}
+    calib_metrics: dict = {"router_calibration": None, "finetune": None}
     if cfg.router_steps > 0:
         with _Stage(cfg, "router calibration"):
-            calib_metrics = cv.calibrate_routers(moe, dense, router_blocks, steps=cfg.router_steps,
+            calib_metrics["router_calibration"] = cv.calibrate_routers(moe, dense, router_blocks, steps=cfg.router_steps,
                                                  seed=cfg.seed, progress=cfg.progress)
     native_before = None
     if cfg.finetune_steps > 0:
@@ -175,9 +175,9 @@ def run_demo(cfg: DemoConfig) -> dict:
                      "ffn_active_pct": 100.0 * (cfg.shared + (r["act"] or 0)) / (cfg.experts + cfg.shared),
                      "ppl": r["ppl"], "params_active": r.get("params_active")})
         with _Stage(cfg, "MoE fine-tune"):
-            ft_metrics = cv.distill_moe(moe, dense, finetune_blocks, steps=cfg.finetune_steps, lr=cfg.finetune_lr,
-                                        batch_size=cfg.finetune_batch, seed=cfg.seed, progress=cfg.progress)
-        calib_metrics = {"router_calibration": calib_metrics, "finetune": ft_metrics}
+            calib_metrics["finetune"] = cv.distill_moe(moe, dense, finetune_blocks, steps=cfg.finetune_steps,
+                                                       lr=cfg.finetune_lr, batch_size=cfg.finetune_batch,
+                                                       seed=cfg.seed, progress=cfg.progress)
     if cfg.save_moe:
         with _Stage(cfg, "save MoE"):
             cv.save_converted(moe, tok, out / "moe")
@@ -201,7 +201,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         res = train_hook(mm, layers=[hook_layer], plan=reduced, train_blocks=hook_blocks, val_blocks=val_blocks,
                          objective=cfg.hook_objective, steps=cfg.hook_steps, lr=cfg.hook_lr, batch_size=4,
                          out_dir=str(hook_dir), progress=cfg.progress, seed=cfg.seed,
-                         eval_every=max(1, cfg.hook_steps // 5))
+                         eval_every=max(1, cfg.hook_steps // 4))
     with _Stage(cfg, "eval hook"):
         r = _ppl(mm, eval_blocks, reduced, progress=cfg.progress, label="reduced + Hook")
         rows.append({"name": f"MoE reduced k + Hook@{hook_layer}", "plan": reduced, "act": r["act"],
@@ -227,7 +227,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     result = {
         "model": cfg.model, "gguf": str(gguf), "config": {k: v for k, v in asdict(cfg).items() if k != "stage_times"},
         "rows": rows, "gap_recovered_pct": recovered, "checks": checks,
-        "conversion": _jsonable(calib_metrics), "native_ppl_before_finetune": native_before, "hook": {"layer": hook_layer, "metrics": _jsonable(res.metrics)},
+        "conversion": _jsonable(calib_metrics), "native_ppl_before_finetune": native_before,
+        "hook": {"layer": hook_layer, "metrics": _jsonable(res.metrics)},
         "stage_times_s": cfg.stage_times, "total_time_s": round(time.perf_counter() - t_all, 1),
         "machine": _machine(),
     }
