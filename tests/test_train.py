@@ -115,7 +115,8 @@ def test_lm_and_hidden_objectives_train(blocks):
 
 def test_kd_topk_cache_grad_accum_and_checkpointing_agree(blocks):
     train, val = blocks
-    kw = dict(layers=1, plan="topk:1", train_blocks=train, objective="kd", steps=3, lr=1e-2, batch_size=2,
+    # 3 steps x 2 rows read all 6 blocks, so a teacher cache pays and is built when asked for
+    kw = dict(layers=1, plan="topk:1", train_blocks=train[:6], objective="kd", steps=3, lr=1e-2, batch_size=2,
               progress=False, kd_topk=None)  # exact teacher, recomputed per batch
     calls = {}
 
@@ -135,6 +136,8 @@ def test_kd_topk_cache_grad_accum_and_checkpointing_agree(blocks):
         torch.testing.assert_close(hook_state(c.hookset)[k], v, atol=1e-5, rtol=1e-4)
     d = train_hook(fresh(), **dict(kw, kd_topk=8))
     assert d.metrics["final_train_loss"] > 0 and d.metrics["kd_teacher"] == "top-8 cache"
+    g = train_hook(fresh(), **dict(kw, kd_topk=8, train_blocks=train))  # reads 6 of 32 blocks: no cache
+    assert g.metrics["kd_teacher"].startswith("recompute (the run reads 6 of 32 blocks")
     f = train_hook(fresh(), **dict(kw, kd_topk=32, kd_cache_max_gb=1e-6))  # too big for the budget: recompute
     assert f.metrics["kd_teacher"].startswith("recompute (top-32 cache")
     for k, v in hook_state(a.hookset).items():

@@ -7,7 +7,8 @@ Objectives (``objective=``):
     native routing with the Hook bypassed (no grad). By default (``kd_topk=32``) the teacher runs once
     over all training blocks and its top-K log-probabilities are cached (K + 1 bins: the top K and "the
     rest", so the loss is still a true KL between coarsened distributions; memory ``N·T·K·8`` bytes on
-    the CPU, capped by ``kd_cache_max_gb`` — above it the teacher is recomputed per batch);
+    the CPU, capped by ``kd_cache_max_gb`` — above it, or when the run reads fewer blocks than it has,
+    the teacher is recomputed per batch);
     ``kd_topk=None`` recomputes the exact full-vocabulary teacher every batch.
 ``lm``
     Next-token cross-entropy on the calibration text (the paper's LLaMA-Factory "pt" stage).
@@ -701,8 +702,12 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
         routing.student()
         kd_teacher = "recompute (exact)" if cfg.objective == "kd" else None
         cache_gb = train_blocks.numel() * (cfg.kd_topk or 0) * 8 / 2**30
+        visits = (total - step) * cfg.batch_size * cfg.grad_accum  # blocks the remaining steps will read
         if cfg.objective == "kd" and cfg.kd_topk and cache_gb > cfg.kd_cache_max_gb:
             kd_teacher = f"recompute (top-{cfg.kd_topk} cache of {cache_gb:.1f} GiB > kd_cache_max_gb)"
+        elif cfg.objective == "kd" and cfg.kd_topk and visits < n_train:
+            # the cache runs the teacher on every block once: it only pays when the run reads them all
+            kd_teacher = f"recompute (the run reads {visits} of {n_train} blocks; a cache would cost more)"
         elif cfg.objective == "kd" and cfg.kd_topk and step < total and not stopped_early:
             kd_teacher = f"top-{cfg.kd_topk} cache"
             t_cache = time.perf_counter()
