@@ -448,15 +448,16 @@ def router_parameters(model: HookmoeCMoEForCausalLM) -> list[torch.nn.Parameter]
 
 
 @contextmanager
-def _only_routers_trainable(model):
+def _only_trainable(model, params: list[torch.nn.Parameter]):
+    """Freeze everything but ``params`` (eval mode: no dropout; gradients still flow); restore after."""
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in router_parameters(model):
+        for p in params:
             p.requires_grad_(True)
-        model.eval()  # no dropout; gradients still flow
+        model.eval()
         yield
     finally:
         for n, p in model.named_parameters():
@@ -487,6 +488,23 @@ def heldout_kl(cmoe_model, dense_model, blocks: torch.LongTensor, batch_size: in
         n += n_tok
     n_pred = n - blocks.shape[0]
     return {"kl": kl_sum / n, "ppl_dense": math.exp(nll_d / n_pred), "ppl_moe": math.exp(nll_m / n_pred)}
+
+
+def _finish_metrics(metrics: dict, losses: list[float], cmoe_model, dense_model, eval_blocks, batch_size: int,
+                    info_key: str) -> None:
+    """Loss summary (first/last window means, a <= 50-point curve), held-out KL after training when
+    ``eval_blocks`` is given, and a copy without the curve in ``cmoe_model.cmoe_info[info_key]``."""
+    if losses:
+        w = max(1, min(10, len(losses) // 5))
+        metrics["loss_first"] = float(np.mean(losses[:w]))
+        metrics["loss_last"] = float(np.mean(losses[-w:]))
+        stride = max(1, len(losses) // 50)
+        metrics["loss_curve"] = [round(v, 5) for v in losses[::stride]]
+    if eval_blocks is not None:
+        metrics["after"] = heldout_kl(cmoe_model, dense_model, eval_blocks, batch_size)
+    info = getattr(cmoe_model, "cmoe_info", None)
+    if isinstance(info, dict):
+        info[info_key] = {k: v for k, v in metrics.items() if k != "loss_curve"}
 
 
 @torch.no_grad()
@@ -630,7 +648,7 @@ def calibrate_routers(
     gather_s = 0.0
     t0 = time.perf_counter()
     data = None
-    with _only_routers_trainable(cmoe_model):
+    with _only_trainable(cmoe_model, router_parameters(cmoe_model)):
         opt = torch.optim.Adam(router_parameters(cmoe_model), lr=lr)
         for step in _progress(range(steps), steps, f"router calibration ({objective})", progress):
             if local and (data is None or (refresh_every and step % refresh_every == 0)):
@@ -657,17 +675,7 @@ def calibrate_routers(
     del data
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
     metrics["gather_seconds"] = round(gather_s, 2)
-    if losses:
-        w = max(1, min(10, len(losses) // 5))
-        metrics["loss_first"] = float(np.mean(losses[:w]))
-        metrics["loss_last"] = float(np.mean(losses[-w:]))
-        stride = max(1, len(losses) // 50)
-        metrics["loss_curve"] = [round(v, 5) for v in losses[::stride]]
-    if eval_blocks is not None:
-        metrics["after"] = heldout_kl(cmoe_model, dense_model, eval_blocks, batch_size)
-    info = getattr(cmoe_model, "cmoe_info", None)
-    if isinstance(info, dict):
-        info["router_calibration"] = {k: v for k, v in metrics.items() if k != "loss_curve"}
+    _finish_metrics(metrics, losses, cmoe_model, dense_model, eval_blocks, batch_size, "router_calibration")
     return metrics
 
 
@@ -743,17 +751,10 @@ def distill_moe(
     }
     if eval_blocks is not None:
         metrics["before"] = heldout_kl(cmoe_model, dense_model, eval_blocks, batch_size)
-    saved = {n: p.requires_grad for n, p in cmoe_model.named_parameters()}
-    was_training = cmoe_model.training
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     t0 = time.perf_counter()
-    try:
-        for p in cmoe_model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        cmoe_model.eval()  # no dropout; gradients still flow
+    with _only_trainable(cmoe_model, params):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         warmup = max(1, steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -775,22 +776,8 @@ def distill_moe(
             losses.append(float(loss.detach()))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(kl=f"{losses[-1]:.4f}")
-    finally:
-        for n, p in cmoe_model.named_parameters():
-            p.requires_grad_(saved[n])
-        cmoe_model.train(was_training)
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
-    if losses:
-        w = max(1, min(10, len(losses) // 5))
-        metrics["loss_first"] = float(np.mean(losses[:w]))
-        metrics["loss_last"] = float(np.mean(losses[-w:]))
-        stride = max(1, len(losses) // 50)
-        metrics["loss_curve"] = [round(v, 5) for v in losses[::stride]]
-    if eval_blocks is not None:
-        metrics["after"] = heldout_kl(cmoe_model, dense_model, eval_blocks, batch_size)
-    info = getattr(cmoe_model, "cmoe_info", None)
-    if isinstance(info, dict):
-        info["finetune"] = {k: v for k, v in metrics.items() if k != "loss_curve"}
+    _finish_metrics(metrics, losses, cmoe_model, dense_model, eval_blocks, batch_size, "finetune")
     return metrics
 
 
