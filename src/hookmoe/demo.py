@@ -140,8 +140,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     with _Stage(cfg, "data"):
         kw = dict(seed=cfg.seed, progress=False)
         convert_blocks = make_blocks(tok, cfg.calib_src, cfg.convert_blocks, cfg.seq_len, split="train", **kw)
-        router_blocks = make_blocks(tok, cfg.calib_src, cfg.router_blocks, cfg.seq_len, split="train",
-                                    seed=cfg.seed + 1, progress=False)
+        router_blocks = (make_blocks(tok, cfg.calib_src, cfg.router_blocks, cfg.seq_len, split="train",
+                                     seed=cfg.seed + 1, progress=False) if cfg.router_steps > 0 else None)
         finetune_blocks = make_blocks(tok, cfg.calib_src, cfg.finetune_blocks, cfg.finetune_seq_len,
                                       split="train", seed=cfg.seed + 4, progress=False)
         hook_blocks = make_blocks(tok, cfg.calib_src, cfg.hook_blocks, cfg.hook_seq_len, split="train",
