@@ -65,6 +65,16 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                        QWEN + ["--scale", "2", "--layers", "4", "--plan", "native", "--plan", "topk:1",
                                "--plan", "topk:2", "--plan", "topp:0.5", "--act", "2",
                                "--lengths", "none", "--new-tokens", "256", "--repeats", "5"] + CPU),
+    # the real (unscaled) Qwen shapes, 2 of 24 layers: fixed per-layer costs weigh as in the real model
+    "qwen_s1_decode": ("Qwen1.5-MoE-A2.7B real shapes (unscaled), 2 layers: decode only, native vs top-1, "
+                       "top-2 vs top-p at Act 2",
+                       QWEN + ["--scale", "1", "--layers", "2", "--plan", "native", "--plan", "topk:1",
+                               "--plan", "topk:2", "--plan", "topp:0.5", "--act", "2",
+                               "--lengths", "none", "--new-tokens", "128", "--repeats", "5"] + CPU),
+    # prefill at larger shapes: per-expert GEMMs big enough that top-1 loses no sgemm efficiency
+    "mixtral_s2_prefill": ("Mixtral-8x7B shapes /2, 2 layers: prefill only, native vs top-1",
+                           MIXTRAL + ["--scale", "2", "--layers", "2", "--plan", "native", "--plan", "topk:1",
+                                      "--lengths", "1024,2048,4096", "--new-tokens", "0", "--repeats", "3"] + CPU),
     # 7 short repeats: a paired median robust to the occasional stall of a shared machine
     "qwen_s8_hook": ("Qwen1.5-MoE-A2.7B shapes /8, all 24 layers: top-1 vs top-1 + Hook (paper shape)",
                      QWEN + ["--scale", "8", "--layers", "24", "--plan", "topk:1", "--plan", "topk:1@random",

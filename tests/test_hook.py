@@ -155,6 +155,10 @@ def test_layer_parsing_and_validation():
         insert_hooks(mm, 7)
     with pytest.raises(ModelError, match="bad hook layer"):
         parse_layers("x")
+    # "all" = every MoE layer (DeepSeek-V2's dense layer 0 is not one), and it needs the model to know them
+    assert parse_layers("all", mm) == mm.moe_layer_indices and 0 not in parse_layers(" ALL ", mm)
+    with pytest.raises(ModelError, match="need the model"):
+        parse_layers("all")
     hs = insert_hooks(mm, 2, inner_size=5)
     assert hs.inner_size == 5
     assert mm.hook_hidden_size == 2 * mm.expert_intermediate_size  # fine-grained: 2x

@@ -45,7 +45,8 @@ class DemoConfig:
     finetune_seq_len: int = 256
     finetune_batch: int = 4
     eval_blocks: int = 16
-    hook_layer: Optional[int] = None  # default: the middle layer
+    hook_layers: Optional[str] = "all"  # "all" (one Hook per MoE layer), a layer "15", "4,15", "12-14"; None: middle
+    hook_inner_size: Optional[int] = 96  # Hook width; None = the paper's (2 x expert size for this fine-grained MoE)
     hook_blocks: int = 256  # 32 blocks over-fit: train KL fell, held-out KL did not (measured)
     hook_seq_len: int = 256
     val_blocks: int = 4  # hook validation (best-step selection)
@@ -134,7 +135,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         gguf = locate_model(cfg.model)
         dense, tok = load_causal_lm(str(gguf), dtype="float32", device="cpu")
     n_layers = dense.config.num_hidden_layers
-    hook_layer = cfg.hook_layer if cfg.hook_layer is not None else n_layers // 2
+    hook_spec = cfg.hook_layers if cfg.hook_layers is not None else str(n_layers // 2)
     tlnle_l = cfg.tlnle_l if cfg.tlnle_l is not None else n_layers // 2
 
     with _Stage(cfg, "data"):
@@ -196,18 +197,23 @@ def run_demo(cfg: DemoConfig) -> dict:
             rows.append({"name": name, "plan": plan, "act": r["act"], "ffn_active_pct": ffn_pct(r["act"]),
                          "ppl": r["ppl"], "params_active": r.get("params_active")})
 
+    from .hook import parse_layers
+
+    hook_layers = parse_layers(hook_spec, mm)
+    hook_label = (f"Hooks@all {len(hook_layers)} layers" if hook_layers == mm.moe_layer_indices and len(hook_layers) > 1
+                  else f"Hook@{','.join(map(str, hook_layers))}")
     hook_dir = out / "hook"
     with _Stage(cfg, "hook training"):
-        res = train_hook(mm, layers=[hook_layer], plan=reduced, train_blocks=hook_blocks, val_blocks=val_blocks,
+        res = train_hook(mm, layers=hook_layers, plan=reduced, inner_size=cfg.hook_inner_size, train_blocks=hook_blocks, val_blocks=val_blocks,
                          objective=cfg.hook_objective, steps=cfg.hook_steps, lr=cfg.hook_lr, batch_size=4,
                          out_dir=str(hook_dir), progress=cfg.progress, seed=cfg.seed,
                          eval_every=max(1, cfg.hook_steps // 4))
     with _Stage(cfg, "eval hook"):
         r = _ppl(mm, eval_blocks, reduced, progress=cfg.progress, label="reduced + Hook")
-        rows.append({"name": f"MoE reduced k + Hook@{hook_layer}", "plan": reduced, "act": r["act"],
+        rows.append({"name": f"MoE reduced k + {hook_label}", "plan": reduced, "act": r["act"],
                      "ffn_active_pct": ffn_pct(r["act"]), "ppl": r["ppl"], "params_active": r.get("params_active")})
         r = _ppl(mm, eval_blocks, tlnle, progress=cfg.progress, label="TLNLE + Hook")
-        rows.append({"name": f"MoE TLNLE + Hook@{hook_layer}", "plan": tlnle, "act": r["act"],
+        rows.append({"name": f"MoE TLNLE + {hook_label}", "plan": tlnle, "act": r["act"],
                      "ffn_active_pct": ffn_pct(r["act"]), "ppl": r["ppl"], "params_active": r.get("params_active")})
 
     by = {row["name"]: row for row in rows}
@@ -228,7 +234,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "model": cfg.model, "gguf": str(gguf), "config": {k: v for k, v in asdict(cfg).items() if k != "stage_times"},
         "rows": rows, "gap_recovered_pct": recovered, "checks": checks,
         "conversion": _jsonable(calib_metrics), "native_ppl_before_finetune": native_before,
-        "hook": {"layer": hook_layer, "metrics": _jsonable(res.metrics)},
+        "hook": {"layers": hook_layers, "label": hook_label, "inner_size": cfg.hook_inner_size,
+                 "params": int(res.metrics.get("hook_params", 0)), "metrics": _jsonable(res.metrics)},
         "stage_times_s": cfg.stage_times, "total_time_s": round(time.perf_counter() - t_all, 1),
         "machine": _machine(),
     }
@@ -260,7 +267,9 @@ def table_markdown(result: dict) -> str:
         lines.append(f"| {row['name']} ({row['plan']}) | {act} | {pct} | {params} | {row['ppl']:.2f} | "
                      f"{row['vs_dense_pct']:+.1f}% |")
     lines.append("")
-    lines.append(f"Hook recovers **{result['gap_recovered_pct']:.1f}%** of the perplexity gap between native k "
+    label = result.get("hook", {}).get("label", "Hook")
+    verb = "recover" if label.startswith("Hooks") else "recovers"
+    lines.append(f"{label} {verb} **{result['gap_recovered_pct']:.1f}%** of the perplexity gap between native k "
                  "and reduced k (held-out text).")
     return "\n".join(lines)
 
@@ -272,8 +281,8 @@ def write_report(result: dict, out: Path) -> None:
           f"CMoE conversion: {cfg['experts']} routed + {cfg['shared']} shared experts per FFN, native k = "
           f"{cfg['top_k']}, reduced k = {cfg['reduced_k']}; router calibration {cfg['router_steps']} steps; KD "
           f"fine-tune of the MoE blocks {cfg['finetune_steps']} steps × {cfg['finetune_batch']} × "
-          f"{cfg['finetune_seq_len']} tokens; Hook at layer {result['hook']['layer']} "
-          f"({cfg['hook_objective']} objective, {cfg['hook_steps']} steps). Perplexity on {cfg['eval_blocks']} × "
+          f"{cfg['finetune_seq_len']} tokens; {result['hook']['label']} ({result['hook']['params'] / 1e6:.2f} M "
+          f"parameters, {cfg['hook_objective']} objective, {cfg['hook_steps']} steps). Perplexity on {cfg['eval_blocks']} × "
           f"{cfg['seq_len']} held-out tokens of `{cfg['calib_src']}` (never used for calibration or training).", "",
           table_markdown(result), "", "## Checks", ""]
     md += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in result["checks"].items()]
@@ -313,7 +322,9 @@ def register_cli(app) -> None:
                                               help="router calibration steps (0 = training-free CMoE)"),
              finetune_steps: int = typer.Option(DemoConfig.finetune_steps, "--finetune-steps",
                                                 help="KD fine-tune steps of the MoE blocks (0 = off)"),
-             hook_layer: Optional[int] = typer.Option(None, help="Hook layer (default: the middle layer)"),
+             hook_layers: str = typer.Option(DemoConfig.hook_layers, "--hook-layers", "--hook-layer",
+                                             help="all (one Hook per MoE layer) or layers: 15, 4,15, 12-14"),
+             hook_inner_size: int = typer.Option(DemoConfig.hook_inner_size, help="Hook width (0 = the paper's)"),
              save_moe: bool = typer.Option(DemoConfig.save_moe, "--save-moe/--no-save-moe",
                                            help="write the converted MoE to <out>/moe (hookmoe.load-able)"),
              hook_steps: int = typer.Option(DemoConfig.hook_steps, help="Hook training steps"),
@@ -325,7 +336,8 @@ def register_cli(app) -> None:
         from rich.markdown import Markdown
 
         cfg = DemoConfig(model=model, out=str(out), experts=experts, shared=shared, top_k=top_k,
-                         reduced_k=reduced_k, router_steps=router_steps, finetune_steps=finetune_steps, save_moe=save_moe, hook_layer=hook_layer,
+                         reduced_k=reduced_k, router_steps=router_steps, finetune_steps=finetune_steps, save_moe=save_moe,
+                         hook_layers=hook_layers, hook_inner_size=hook_inner_size or None,
                          hook_steps=hook_steps, eval_blocks=eval_blocks, seed=seed, progress=not no_progress)
         result = run_demo(cfg)
         Console().print(Markdown(table_markdown(result)))

@@ -326,9 +326,14 @@ def base_model_info(mm) -> dict:
 
 
 def parse_layers(spec: Any, mm=None) -> list[int]:
-    """``"14"``, ``"14,15"``, ``"12-14"``, an int or a list → sorted unique decoder-layer indices."""
+    """``"14"``, ``"14,15"``, ``"12-14"``, ``"all"`` (every MoE layer; needs ``mm``), an int or a list →
+    sorted unique decoder-layer indices."""
     if isinstance(spec, int):
         out = [spec]
+    elif isinstance(spec, str) and spec.strip().lower() == "all":
+        if mm is None:
+            raise ModelError("hook layers 'all' need the model (to know its MoE layers)")
+        out = list(mm.moe_layer_indices)
     elif isinstance(spec, str):
         out = []
         for part in (p.strip() for p in spec.split(",")):
@@ -341,8 +346,8 @@ def parse_layers(spec: Any, mm=None) -> list[int]:
                 else:
                     out.append(int(part))
             except ValueError:
-                raise ModelError(f"bad hook layer '{part}' (expected a layer number like 14, a list 14,15 "
-                                 "or a range 12-14)") from None
+                raise ModelError(f"bad hook layer '{part}' (expected a layer number like 14, a list 14,15, "
+                                 "a range 12-14 or all)") from None
     else:
         try:
             out = [int(x) for x in spec]

@@ -981,7 +981,7 @@ def register_cli(app) -> None:
     def train_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         plan: str = typer.Option(..., help=PLAN_HELP + " (the reduced routing the Hook compensates)"),
-        layer: str = typer.Option(..., help="MoE layer(s) to hook: 14, 14,15 or 12-14"),
+        layer: str = typer.Option(..., help="MoE layer(s) to hook: 14, 14,15, 12-14 or all (every MoE layer)"),
         calib: str = typer.Option("builtin", help="calibration text: builtin, c4, math, hf:ID, a file or folder"),
         out: Path = typer.Option(..., help="output directory (artifact, checkpoint, log, loss.png)"),
         objective: str = typer.Option(DEFAULT_OBJECTIVE, help="kd (KL to the native model) | lm | hidden"),
