@@ -70,11 +70,11 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                        "top-2 vs top-p at Act 2",
                        QWEN + ["--scale", "1", "--layers", "2", "--plan", "native", "--plan", "topk:1",
                                "--plan", "topk:2", "--plan", "topp:0.5", "--act", "2",
-                               "--lengths", "none", "--new-tokens", "128", "--repeats", "5"] + CPU),
+                               "--lengths", "none", "--new-tokens", "128", "--repeats", "7"] + CPU),
     # prefill at larger shapes: per-expert GEMMs big enough that top-1 loses no sgemm efficiency
     "mixtral_s2_prefill": ("Mixtral-8x7B shapes /2, 2 layers: prefill only, native vs top-1",
                            MIXTRAL + ["--scale", "2", "--layers", "2", "--plan", "native", "--plan", "topk:1",
-                                      "--lengths", "1024,2048,4096", "--new-tokens", "0", "--repeats", "3"] + CPU),
+                                      "--lengths", "1024,2048,4096", "--new-tokens", "0", "--repeats", "5"] + CPU),
     # 7 short repeats: a paired median robust to the occasional stall of a shared machine
     "qwen_s8_hook": ("Qwen1.5-MoE-A2.7B shapes /8, all 24 layers: top-1 vs top-1 + Hook (paper shape)",
                      QWEN + ["--scale", "8", "--layers", "24", "--plan", "topk:1", "--plan", "topk:1@random",

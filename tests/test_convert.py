@@ -340,6 +340,16 @@ def test_distill_moe_lowers_heldout_kl_and_trains_only_its_part(train):
     assert moe.cmoe_info["finetune"]["after"]["kl"] == metrics["after"]["kl"]
 
 
+def test_distill_moe_lr_schedule_warms_up_then_decays():
+    from hookmoe.convert import _warmup_cosine
+
+    f = [_warmup_cosine(s, 45) for s in range(45)]
+    assert f[0] == pytest.approx(0.25) and f[3] == pytest.approx(1.0) and f[4] == pytest.approx(1.0)  # 4 warm-up steps
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))  # then never rises
+    assert f[-1] == pytest.approx(0.1, abs=0.01) and min(f) >= 0.1
+    assert _warmup_cosine(0, 1) == 1.0
+
+
 def test_distill_moe_rejects_bad_arguments():
     dense = tiny_dense("qwen2")
     moe = convert_dense(dense, None, blocks(4, 16, 1), num_experts=E, num_shared=S, top_k=K, progress=False)

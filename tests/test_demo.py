@@ -52,6 +52,10 @@ def test_demo_runs_every_stage_on_a_local_dense_model(dense_dir, tmp_path):
     assert json.loads((out / "demo.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     # default: one Hook per MoE layer (measured on SmolLM2: one middle-layer Hook recovered 4.6 %)
     assert result["hook"]["layers"] == [0, 1, 2, 3] and result["hook"]["label"] == "Hooks@all 4 layers"
+    # default width: half an expert (128-wide FFN in 8 experts of 16 → 8), recorded in the artifact too
+    assert result["hook"]["inner_size"] == 8
+    assert json.loads((out / "hook" / "hookmoe.json").read_text())["hook"]["inner_size"] == 8
+    assert result["hook"]["params"] == 4 * (2 * 64 * 8 + 1)
     assert "MoE reduced k + Hooks@all 4 layers" in names
     assert "Hooks@all 4 layers recover" in (out / "report.md").read_text()
     # the saved MoE loads as an MoE and is the fine-tuned one (its cmoe.json carries the fine-tune record)
@@ -71,9 +75,11 @@ def test_demo_rejects_unknown_models_and_bad_k(tmp_path):
 def test_demo_single_hook_layer(dense_dir, tmp_path):
     cfg = DemoConfig(model=str(dense_dir), out=str(tmp_path / "r"), seq_len=32, convert_blocks=4, finetune_steps=0,
                      eval_blocks=2, hook_blocks=8, hook_seq_len=32, hook_steps=2, val_blocks=2, hook_layers="2",
-                     hook_inner_size=None, save_moe=False, threads=1, progress=False)
+                     hook_inner_size=0, save_moe=False, threads=1, progress=False)
     result = run_demo(cfg)
     assert result["hook"]["layers"] == [2] and result["hook"]["label"] == "Hook@2"
+    # 0 = the paper's width: twice the expert size (16) for a fine-grained MoE
+    assert result["hook"]["inner_size"] == 32
     assert [r["name"] for r in result["rows"]][-2:] == ["MoE reduced k + Hook@2", "MoE TLNLE + Hook@2"]
     assert "Hook@2 recovers" in (tmp_path / "r" / "report.md").read_text()
     assert not (tmp_path / "r" / "moe").exists()

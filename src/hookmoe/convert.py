@@ -699,6 +699,15 @@ def finetune_parameters(model: HookmoeCMoEForCausalLM, train: str = "moe") -> li
     return params
 
 
+def _warmup_cosine(step: int, steps: int, floor: float = 0.1) -> float:
+    """LR factor: linear warm-up over the first 10 % of ``steps``, then cosine decay to ``floor``."""
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def distill_moe(
     cmoe_model: HookmoeCMoEForCausalLM,
     dense_model,
@@ -717,7 +726,8 @@ def distill_moe(
 
     Each step takes ``batch_size`` random blocks of ``train_blocks``, runs the dense teacher (no
     grad) and the MoE, and minimises the mean per-token KL(dense logits || MoE logits) with AdamW
-    (constant ``lr`` after a 10 % linear warm-up, gradient clipping at ``max_grad_norm``). Only
+    (10 % linear warm-up, then cosine decay to 0.1 ``lr``; gradient clipping at ``max_grad_norm``: at a
+    constant 3e-4 the SmolLM2 run diverged after 30 of 45 steps in one of two otherwise identical runs). Only
     :func:`finetune_parameters` move; the router's top-k stays in the loop (the straight-through
     weights carry gradient to the router). After it, all-experts-on no longer equals the dense
     model: the experts are trained for the native k.
@@ -756,8 +766,7 @@ def distill_moe(
     t0 = time.perf_counter()
     with _only_trainable(cmoe_model, params):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        warmup = max(1, steps // 10)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, steps))
         bar = _progress(range(steps), steps, f"MoE fine-tune ({train})", progress)
         for _ in bar:
             pick = torch.randint(blocks.shape[0], (min(batch_size, blocks.shape[0]),), generator=gen)
