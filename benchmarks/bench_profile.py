@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -225,6 +226,24 @@ def gemm_profile(hidden: int, inter: int, experts: int, rows=(64, 128, 256, 512,
     return out
 
 
+def gemm_fit(profile: dict, tokens: int, experts: int, k_native: int, k_reduced: int) -> dict:
+    """Fit ``t(M) = fixed + per_row * M`` (ms per expert, both projections) to :func:`gemm_profile` and
+    predict the experts' prefill speed-up native → reduced k for ``tokens`` evenly routed tokens: the
+    fixed part (packing/streaming the expert's weights, paid once per expert whatever M is) does not
+    shrink with k, so the FLOP ratio overstates what the experts can gain."""
+    ms = np.array([float(m) for m in profile])
+    ts = np.array([v["ms_per_expert"] for v in profile.values()])
+    per_row, fixed = np.polyfit(ms, ts, 1)
+
+    def experts_ms(k):
+        return experts * (fixed + per_row * tokens * k / experts)
+
+    return {"fixed_ms_per_expert": float(fixed), "ms_per_row": float(per_row), "tokens": tokens,
+            "experts_ms": {f"k{k}": float(experts_ms(k)) for k in (k_native, k_reduced)},
+            "experts_speedup": float(experts_ms(k_native) / experts_ms(k_reduced)),
+            "experts_flop_ratio": k_native / k_reduced}
+
+
 def attention_profile(heads: int, head_dim: int, lengths=(1024, 2048, 4096)) -> dict:
     out = {}
     for t in lengths:
@@ -265,8 +284,12 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--breakdown-only", action="store_true", help="only the decode breakdown (both k)")
+    ap.add_argument("--gemm-only", action="store_true",
+                    help="only the expert GEMM time by rows per expert and its fixed + per-row fit (prefill)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.gemm_only:
+        return _gemm_only(args)
     mm = random_model(args.preset, scale=args.scale, layers=args.layers, device="cpu")
     cfg = scale_config(PRESETS[args.preset], scale=args.scale, layers=args.layers)
     inter = mm.expert_intermediate_size
@@ -293,6 +316,24 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: res[k] for k in ("decode_breakdown", "decode", "expert_gemm", "attention", "router_call")},
                      indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _gemm_only(args) -> int:
+    cfg = scale_config(PRESETS[args.preset], scale=args.scale, layers=args.layers)
+    hidden = int(cfg["hidden_size"])
+    inter = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts"))
+    k = int(cfg.get("num_experts_per_tok"))
+    prof = gemm_profile(hidden, inter, experts, rows=(64, 96, 128, 192, 256, 384, 512))
+    res = {"command": " ".join(["python"] + sys.argv), "machine": machine_info(), "preset": args.preset,
+           "scale": args.scale, "hidden": hidden, "expert_intermediate": inter, "experts": experts, "top_k": k,
+           "clock": "process CPU time, 1 thread", "expert_gemm": prof,
+           "fit": {str(t): gemm_fit(prof, t, experts, k, 1) for t in (1024, 2048, 4096)}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k_: res[k_] for k_ in ("expert_gemm", "fit")}, indent=1))
     print(f"wrote {args.out}")
     return 0
 
