@@ -70,6 +70,16 @@ def test_demo_rejects_unknown_models_and_bad_k(tmp_path):
     from hookmoe.errors import UserError
     with pytest.raises(UserError, match="reduced k"):
         run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), top_k=4, reduced_k=4))
+    with pytest.raises(UserError, match="hook-inner-size"):  # refused before any loading
+        run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), hook_inner_size=-1))
+
+
+def test_demo_refuses_a_bad_hook_layer_before_converting(dense_dir, tmp_path):
+    from hookmoe.errors import UserError
+
+    with pytest.raises(UserError, match=r"out of range: the model has 4 layers"):
+        run_demo(DemoConfig(model=str(dense_dir), out=str(tmp_path / "r"), hook_layers="7", threads=1, progress=False))
+    assert not (tmp_path / "r" / "moe").exists()
 
 
 def test_demo_single_hook_layer(dense_dir, tmp_path):

@@ -130,6 +130,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if not 1 <= cfg.reduced_k < cfg.top_k:
         raise UserError(f"reduced k must be in [1, top_k={cfg.top_k}), got {cfg.reduced_k}")
+    if cfg.hook_inner_size is not None and cfg.hook_inner_size < 0:
+        raise UserError(f"--hook-inner-size must be >= 0, got {cfg.hook_inner_size}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -139,6 +141,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         dense, tok = load_causal_lm(str(gguf), dtype="float32", device="cpu")
     n_layers = dense.config.num_hidden_layers
     hook_spec = cfg.hook_layers if cfg.hook_layers is not None else str(n_layers // 2)
+    if str(hook_spec).strip().lower() != "all":  # checked now, not after minutes of conversion and fine-tuning
+        from .hook import parse_layers
+
+        bad = [i for i in parse_layers(hook_spec) if not 0 <= i < n_layers]
+        if bad:
+            raise UserError(f"hook layer(s) {bad} out of range: the model has {n_layers} layers (0-{n_layers - 1})")
     tlnle_l = cfg.tlnle_l if cfg.tlnle_l is not None else n_layers // 2
 
     with _Stage(cfg, "data"):
@@ -266,8 +274,6 @@ def _hook_inner_size(spec: Optional[int], mm) -> int:
     """The demo's Hook width: ``None`` → half an expert's width, ``0`` → the paper's, else ``spec``."""
     if spec is None:
         return max(1, mm.expert_intermediate_size // 2)
-    if spec < 0:
-        raise UserError(f"--hook-inner-size must be >= 0, got {spec}")
     return int(spec or mm.hook_hidden_size)
 
 
