@@ -71,7 +71,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                        QWEN + ["--scale", "1", "--layers", "2", "--plan", "native", "--plan", "topk:1",
                                "--plan", "topk:2", "--plan", "topp:0.5", "--act", "2",
                                "--lengths", "none", "--new-tokens", "128", "--repeats", "7"] + CPU),
-    # prefill at larger shapes: per-expert GEMMs big enough that top-1 loses no sgemm efficiency
+    # prefill at larger shapes (at 1024 tokens top-1 still loses sgemm efficiency: see SPEED.md)
     "mixtral_s2_prefill": ("Mixtral-8x7B shapes /2, 2 layers: prefill only, native vs top-1",
                            MIXTRAL + ["--scale", "2", "--layers", "2", "--plan", "native", "--plan", "topk:1",
                                       "--lengths", "1024,2048,4096", "--new-tokens", "0", "--repeats", "5"] + CPU),
