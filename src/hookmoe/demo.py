@@ -126,6 +126,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from . import convert as cv
     from .data import make_blocks
     from .models import MoEModel, load_causal_lm
+    from .hook import parse_layers
     from .train import train_hook
 
     if cfg.threads:
@@ -144,8 +145,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     n_layers = dense.config.num_hidden_layers
     hook_spec = cfg.hook_layers if cfg.hook_layers is not None else str(n_layers // 2)
     if str(hook_spec).strip().lower() != "all":  # checked now, not after minutes of conversion and fine-tuning
-        from .hook import parse_layers
-
         bad = [i for i in parse_layers(hook_spec) if not 0 <= i < n_layers]
         if bad:
             raise UserError(f"hook layer(s) {bad} out of range: the model has {n_layers} layers (0-{n_layers - 1})")
@@ -209,8 +208,6 @@ def run_demo(cfg: DemoConfig) -> dict:
             r = _ppl(mm, eval_blocks, plan, progress=cfg.progress, label=name)
             rows.append({"name": name, "plan": plan, "act": r["act"], "ffn_active_pct": ffn_pct(r["act"]),
                          "ppl": r["ppl"], "params_active": r.get("params_active")})
-
-    from .hook import parse_layers
 
     hook_layers = parse_layers(hook_spec, mm)
     hook_label = (f"Hooks@all {len(hook_layers)} layers" if hook_layers == mm.moe_layer_indices and len(hook_layers) > 1
