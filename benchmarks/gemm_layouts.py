@@ -12,27 +12,20 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench_profile import cpu_ms  # this folder (the script's own directory is on sys.path)
 from hookmoe.bench import machine_info
 
 OUT = Path(__file__).resolve().parent / "results" / "gemm_layouts.json"
 
 
-def cpu_ms(fn, n: int = 3) -> float:
-    fn()
-    t = time.process_time()
-    for _ in range(n):
-        fn()
-    return (time.process_time() - t) / n * 1e3
-
-
 def best(fn) -> float:
-    return min(cpu_ms(fn) for _ in range(3))
+    fn()  # warm-up
+    return min(cpu_ms(fn, 3) for _ in range(3))
 
 
 def main() -> int:
