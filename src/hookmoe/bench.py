@@ -460,6 +460,9 @@ def machine_info() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    from . import cpu_gemm
+
+    info["cpu_gemm"] = cpu_gemm.describe()
     try:
         from . import __version__
 

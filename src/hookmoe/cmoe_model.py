@@ -38,6 +38,8 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3TextModel
 from transformers.models.llama.modeling_llama import LlamaModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
+from .cpu_gemm import linear
+
 __all__ = [
     "CMOE_MODEL_TYPE",
     "SUPPORTED_BASE_TYPES",
@@ -200,8 +202,8 @@ class CMoEExperts(nn.Module):
         for e in hit:
             slots = torch.nonzero(flat_index == e).flatten()
             tokens = token_of_slot[slots]
-            gate, up = F.linear(hidden_states[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.down_proj[e])
+            gate, up = linear(hidden_states[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = linear(self.act_fn(gate) * up, self.down_proj[e])
             y = y * flat_weights[slots, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out

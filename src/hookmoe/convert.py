@@ -42,6 +42,7 @@ from .cmoe_model import (
     HookmoeCMoEForCausalLM,
     dense_activation_name,
 )
+from .cpu_gemm import linear
 
 __all__ = [
     "convert_dense",
@@ -164,7 +165,7 @@ def _profile_markers(model, calib_blocks: torch.LongTensor, activation_topk: int
     def make_hook(i, mlp):
         def hook(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            h = act_fn(F.linear(x, mlp.gate_proj.weight.float())) * F.linear(x, mlp.up_proj.weight.float())
+            h = act_fn(linear(x, mlp.gate_proj.weight.float())) * linear(x, mlp.up_proj.weight.float())
             markers[i].append(h.abs().topk(activation_topk, dim=-1).indices.cpu())
 
         return hook

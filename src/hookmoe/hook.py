@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .cpu_gemm import linear
 from .errors import ArtifactError, ModelError
 
 HOOK_FORMAT = "hookmoe-hook/1"
@@ -106,8 +107,8 @@ class Hook(nn.Module):
                 self.linear2.weight.zero_()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.linear1.weight
-        return self.r * self.linear2(F.relu(self.linear1(x.to(w.dtype))))
+        w1, w2 = self.linear1.weight, self.linear2.weight
+        return self.r * linear(F.relu(linear(x.to(w1.dtype), w1)), w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

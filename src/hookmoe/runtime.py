@@ -56,10 +56,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from . import cpu_gemm
 from .errors import UserError
 
 IMPL_NAME = "hookmoe"
 SMALL_SLOTS = 32  # up to this many (token, expert) slots the host path groups in Python, without a sort
+PER_EXPERT_MIN_MACS = 1 << 22  # smallest mean per-expert gate/up product run as its own oneDNN call
 
 
 class RuntimeOptionError(UserError):
@@ -75,7 +77,7 @@ def _proj(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: 
     """``x @ w.T + b`` for weights stored ``[out, in]``; ``x @ w + b`` for transposed ``[in, out]``."""
     if transposed:
         return torch.addmm(b, x, w) if b is not None else x @ w
-    return F.linear(x, w, b)
+    return cpu_gemm.linear(x, w, b)
 
 
 def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +151,14 @@ def host_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     tok = order // k
     xs = hidden_states.index_select(0, tok)
     ws = wflat.index_select(0, order)[:, None].to(acc)
+    if _per_expert_onednn(self, hidden_states, valid, counts[:num_experts]):
+        start = 0
+        for e, c in enumerate(counts[:num_experts]):
+            if c:
+                rows = slice(start, start + c)
+                out.index_add_(0, tok[rows], _expert(self, e, xs[rows]).to(acc) * ws[rows])
+                start += c
+        return out.to(hidden_states.dtype)
     offs_list = []
     run = 0
     for c in counts[:num_experts]:
@@ -158,6 +168,17 @@ def host_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     ys = _grouped_rows(self, xs, offs, flat.index_select(0, order), _cpu_grouped_mm)
     out.index_add_(0, tok, ys.to(acc) * ws)
     return out.to(hidden_states.dtype)
+
+
+def _per_expert_onednn(self, hidden_states: torch.Tensor, rows: int, counts: list[int]) -> bool:
+    """Prompt path: one oneDNN product per expert instead of torch's grouped GEMM, where oneDNN is the CPU
+    kernel in force (``cpu_gemm``) and the experts' products are large enough for it to pay (measured: a
+    Mixtral-shaped expert on 128 rows 2.7x faster than the grouped kernel's per-expert MKL call)."""
+    if getattr(self, "is_transposed", False) or not cpu_gemm.uses_onednn(hidden_states.dtype):
+        return False
+    busy = sum(1 for c in counts if c)
+    w = self.gate_up_proj if getattr(self, "has_gate", True) else self.up_proj
+    return busy > 0 and rows * w.shape[-1] * w.shape[-2] >= busy * PER_EXPERT_MIN_MACS
 
 
 def _grouped_rows(self, xs: torch.Tensor, offs: torch.Tensor, e_rows: torch.Tensor, gmm) -> torch.Tensor:

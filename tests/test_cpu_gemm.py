@@ -1,0 +1,153 @@
+"""The oneDNN CPU linear (hookmoe.cpu_gemm): same numbers as F.linear, gradients included, used where chosen."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hookmoe import cpu_gemm, runtime
+from hookmoe.models import load
+
+pytestmark = pytest.mark.skipif(not cpu_gemm._onednn_available(torch.float32), reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def force_onednn(monkeypatch):
+    """oneDNN for every product, however small (tiny test shapes would otherwise stay on torch's BLAS)."""
+    prev = cpu_gemm.set_backend("onednn")
+    monkeypatch.setattr(cpu_gemm, "MIN_MACS", 0)
+    calls = []
+    real = cpu_gemm._lp
+
+    def counting(x, w, b):
+        calls.append(tuple(x.shape))
+        return real(x, w, b)
+
+    monkeypatch.setattr(cpu_gemm, "_lp", counting)
+    yield calls
+    cpu_gemm.set_backend(prev)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(7, 24), (2, 5, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_and_gradients_match_f_linear(force_onednn, shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(40, 24, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True) if bias else None
+    y = cpu_gemm.linear(x, w, b)
+    assert force_onednn, "the oneDNN kernel was not used"
+    gy = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], gy)
+    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
+    b2 = b.detach().requires_grad_() if bias else None
+    y2 = F.linear(x2, w2, b2)
+    ref = torch.autograd.grad(y2, [t for t in (x2, w2, b2) if t is not None], gy)
+    assert y.shape == y2.shape
+    assert _rel(y, y2) < 1e-5
+    for a, r in zip(grads, ref):
+        assert a.shape == r.shape and _rel(a, r) < 1e-5
+
+
+def test_only_the_needed_gradients_are_computed(force_onednn):
+    x = torch.randn(6, 16)
+    w = torch.randn(8, 16, requires_grad=True)
+    (gw,) = torch.autograd.grad(cpu_gemm.linear(x, w).sum(), [w])
+    assert torch.allclose(gw, torch.ones(6, 8).t() @ x, rtol=1e-5, atol=1e-5)
+    # forward + dW only (no dX product for an input without grad)
+    assert len(force_onednn) == 2
+
+
+def test_bfloat16(force_onednn):
+    if not cpu_gemm._onednn_available(torch.bfloat16):
+        pytest.skip("no oneDNN bf16 on this CPU")
+    x, w = torch.randn(9, 32).bfloat16(), torch.randn(16, 32).bfloat16()
+    y = cpu_gemm.linear(x, w)
+    assert y.dtype == torch.bfloat16 and force_onednn
+    assert _rel(y.float(), F.linear(x.float(), w.float())) < 1e-2
+
+
+def test_falls_back_to_torch(force_onednn, monkeypatch):
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    cpu_gemm.linear(x.double(), w.double())  # dtype oneDNN is not used for
+    cpu_gemm.linear(x, w.t().contiguous().t())  # a 2-D weight view is fine ...
+    n = len(force_onednn)
+    cpu_gemm.linear(x[0], w)  # ... a 1-D input is not
+    cpu_gemm.set_backend("torch")
+    y = cpu_gemm.linear(x, w)
+    assert len(force_onednn) == n == 1
+    assert torch.equal(y, F.linear(x, w))
+    monkeypatch.setattr(cpu_gemm, "MIN_MACS", 10**9)
+    cpu_gemm.set_backend("onednn")
+    cpu_gemm.linear(x, w)  # too small a product
+    assert len(force_onednn) == 1
+
+
+def test_backend_setting_and_probe(monkeypatch):
+    prev = cpu_gemm.set_backend("auto")
+    try:
+        with pytest.raises(ValueError, match="onednn"):
+            cpu_gemm.set_backend("blas")
+        assert cpu_gemm.set_backend("mkl") == "auto" and cpu_gemm.backend() == "torch"  # alias
+        assert not cpu_gemm.uses_onednn(torch.float32)
+        cpu_gemm.set_backend("auto")
+        choice = cpu_gemm.uses_onednn(torch.float32)
+        d = cpu_gemm.describe()
+        assert d["backend"] == "auto" and d["onednn"]["float32"] is choice
+        probe = d["probe"]["float32"]
+        assert probe["torch_ms"] > 0 and probe["onednn_ms"] > 0
+        assert choice == (probe["torch_ms"] >= cpu_gemm.AUTO_MARGIN * probe["onednn_ms"])
+        monkeypatch.setenv(cpu_gemm.ENV, "bogus")
+        monkeypatch.setattr(cpu_gemm, "_backend", None)
+        with pytest.raises(ValueError, match=cpu_gemm.ENV):
+            cpu_gemm.backend()
+    finally:
+        cpu_gemm._backend = "auto"
+        cpu_gemm.set_backend(prev)
+
+
+def test_accelerate_and_restore(force_onednn):
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), Custom(32, 8))
+    x = torch.randn(5, 16)
+    ref = model(x)
+    assert not force_onednn
+    assert cpu_gemm.accelerate(model) == 1  # the subclass with its own forward is left alone
+    assert cpu_gemm.accelerate(model) == 0  # idempotent
+    out = model(x)
+    assert len(force_onednn) == 1 and _rel(out, ref) < 1e-5
+    out.sum().backward()  # trains through the oneDNN backward
+    assert model[0].weight.grad is not None
+    assert cpu_gemm.restore(model) == 1 and "forward" not in model[0].__dict__
+    force_onednn.clear()
+    model(x)
+    assert not force_onednn
+
+
+def test_loaded_models_are_accelerated():
+    mm = load("tiny:mixtral")
+    lins = [m for m in mm.model.modules() if isinstance(m, nn.Linear)]
+    assert lins and all("forward" in m.__dict__ for m in lins)
+
+
+def test_runtime_prompt_path_per_expert_onednn(force_onednn, monkeypatch):
+    """The runtime's per-expert oneDNN prompt path gives the reference logits and is really taken."""
+    monkeypatch.setattr(runtime, "PER_EXPERT_MIN_MACS", 0)
+    taken = []
+    real = runtime._per_expert_onednn
+    monkeypatch.setattr(runtime, "_per_expert_onednn", lambda *a: taken.append(real(*a)) or taken[-1])
+    mm = load("tiny:mixtral")
+    ids = torch.randint(0, mm.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), mm.routing("topk:1"):
+        ref = mm.model(input_ids=ids).logits
+        with runtime.Runtime(mm) as rt:
+            got = rt.logits(ids)
+    assert taken and all(taken)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
