@@ -137,9 +137,43 @@ def test_loaded_models_are_accelerated():
     assert lins and all("forward" in m.__dict__ for m in lins)
 
 
+@pytest.mark.parametrize("b,h,hkv,t,d", [(1, 4, 2, 300, 16), (2, 6, 6, 129, 8), (1, 8, 1, 64, 32)])
+def test_causal_attention_matches_sdpa(b, h, hkv, t, d):
+    g = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(b, n, t, d, generator=g) for n in (h, hkv, hkv))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.3).transpose(1, 2)
+    got = cpu_gemm.causal_attention(q, k, v, 0.3)
+    assert got.shape == (b, t, h, d)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_function_falls_back_to_sdpa(force_onednn):
+    """Masks, decode steps and autograd go to transformers' SDPA: same result, no oneDNN product."""
+    mod = nn.Module()
+    q, k, v = (torch.randn(1, 2, 80, 8) for _ in range(3))
+    mask = torch.zeros(1, 1, 80, 80)
+    for args, kw in [((q, k, v, mask), {}), ((q[:, :, -1:], k, v, None), {}), ((q, k, v, None), {"softcap": 1.0})]:
+        if "softcap" in kw:
+            with pytest.raises(ValueError, match="softcap"):  # SDPA's own refusal, not a silent oneDNN result
+                cpu_gemm.attention_forward(mod, *args, **kw)
+        else:
+            cpu_gemm.attention_forward(mod, *args, **kw)
+    assert not force_onednn
+    out, _ = cpu_gemm.attention_forward(mod, q, k, v, None)
+    assert force_onednn
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_runtime_prompt_path_per_expert_onednn(force_onednn, monkeypatch):
-    """The runtime's per-expert oneDNN prompt path gives the reference logits and is really taken."""
+    """The runtime's per-expert oneDNN prompt path and oneDNN attention give the reference logits and
+    greedy tokens, are really taken, and the model's attention setting is restored afterwards."""
     monkeypatch.setattr(runtime, "PER_EXPERT_MIN_MACS", 0)
+    monkeypatch.setattr(cpu_gemm, "ATTN_MIN_LEN", 1)
+    monkeypatch.setattr(cpu_gemm, "ATTN_BLOCK", 16)
+    attn = []
+    real_attn = cpu_gemm.causal_attention
+    monkeypatch.setattr(cpu_gemm, "causal_attention", lambda *a: attn.append(1) or real_attn(*a))
     taken = []
     real = runtime._per_expert_onednn
     monkeypatch.setattr(runtime, "_per_expert_onednn", lambda *a: taken.append(real(*a)) or taken[-1])
@@ -147,7 +181,12 @@ def test_runtime_prompt_path_per_expert_onednn(force_onednn, monkeypatch):
     ids = torch.randint(0, mm.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode(), mm.routing("topk:1"):
         ref = mm.model(input_ids=ids).logits
+        ref_tokens = runtime.reference_generate(mm, ids[:1], 6).tokens
         with runtime.Runtime(mm) as rt:
+            assert rt.describe()["attention"] == cpu_gemm.ATTN_NAME
             got = rt.logits(ids)
-    assert taken and all(taken)
+            tokens = rt.generate(ids[:1], 6).tokens
+    assert mm.model.config._attn_implementation == "sdpa"
+    assert taken and all(taken) and attn
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(tokens, ref_tokens)

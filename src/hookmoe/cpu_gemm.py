@@ -202,3 +202,79 @@ def restore(model: nn.Module) -> int:
             del m.forward
             n += 1
     return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Causal prompt attention on the same kernel
+# --------------------------------------------------------------------------------------------------
+
+ATTN_NAME = "hookmoe_sdpa"  # registered with transformers' attention (and mask) interfaces
+ATTN_BLOCK = 128  # query rows per block (measured: 128 best of 64-512 at 1024 and 4096 tokens); a block attends to keys [0, its end) (causal, block-granular)
+ATTN_MIN_LEN = 64  # shorter prompts stay on SDPA
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention of a whole prompt (no cache, no padding) with oneDNN products.
+
+    ``query [B, H, T, d]``, ``key [B, Hkv, T, d]``, ``value [B, Hkv, T, dv]`` (grouped-query heads share
+    their K/V: the ``H / Hkv`` query heads of a group are stacked into one product); returns
+    ``[B, T, H, dv]``, the layout transformers' attention functions return. Query block ``[i0, i1)``
+    multiplies only keys ``[0, i1)``; scores in float32, softmax exact (no online rescaling needed: a
+    block's scores are complete). Why: torch's CPU SDPA kernel does its products with the BLAS whose speed
+    ``cpu_gemm`` works around; at long prompts it becomes most of the prefill once the linears are fast.
+    """
+    b_sz, heads, t, d = query.shape
+    kv_heads, dv = key.shape[1], value.shape[-1]
+    g = heads // kv_heads
+    out = query.new_empty((b_sz, t, heads, dv))
+    blk = min(ATTN_BLOCK, t)
+    mask = torch.ones(blk, blk, dtype=torch.bool, device=query.device).triu_(1)
+    q_scaled = query * scale
+    for b in range(b_sz):
+        for h in range(kv_heads):
+            k_bh, v_bh = key[b, h], value[b, h]
+            q_group = q_scaled[b, h * g:(h + 1) * g]  # [g, T, d]
+            for i0 in range(0, t, blk):
+                i1 = min(i0 + blk, t)
+                rows = i1 - i0
+                q_blk = q_group[:, i0:i1].reshape(g * rows, d)
+                s = _lp(q_blk, k_bh[:i1], None)  # [g * rows, i1] = Q K^T
+                if s.dtype != torch.float32:
+                    s = s.float()
+                s.view(g, rows, i1)[:, :, i0:i1].masked_fill_(mask[:rows, :rows], float("-inf"))
+                p = torch.softmax(s, dim=-1).to(value.dtype)
+                o = _lp(p, v_bh[:i1].t(), None)  # [g * rows, dv] = P V
+                out[b, i0:i1, h * g:(h + 1) * g] = o.view(g, rows, dv).transpose(0, 1)
+    return out
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      is_causal=None, **kwargs):
+    """transformers attention function (name :data:`ATTN_NAME`): :func:`causal_attention` for a whole causal
+    prompt without mask on the CPU where oneDNN is the kernel in force, transformers' SDPA for all else
+    (decode steps, cached prefixes, padding or sliding-window masks, softcapping, sinks, dropout, autograd)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    t = query.shape[2]
+    if (attention_mask is None and causal and t >= ATTN_MIN_LEN and key.shape[2] == t and not dropout
+            and query.device.type == "cpu" and query.dtype in _DTYPES and query.dtype == key.dtype == value.dtype
+            and query.shape[1] % key.shape[1] == 0
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+            and not torch.compiler.is_compiling() and uses_onednn(query.dtype)
+            and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias"))):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return causal_attention(query, key, value, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def register_attention() -> str:
+    """Register :func:`attention_forward` (with SDPA's mask builder) with transformers; returns its name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if ALL_ATTENTION_FUNCTIONS._global_mapping.get(ATTN_NAME) is not attention_forward:
+        ALL_ATTENTION_FUNCTIONS.register(ATTN_NAME, attention_forward)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    return ATTN_NAME

@@ -34,10 +34,15 @@ goes to per-kernel / per-op overhead, not expert math. Two parts fix that:
    CUDA events on a GPU, ``time.perf_counter`` (``clock="wall"``) or the process CPU time
    (``clock="cpu"``: one thread on a shared machine, preemption excluded) on the CPU.
 
+On the CPU, products go to oneDNN where it is the faster kernel (``cpu_gemm``: the model's linears, the
+experts — one product per expert for prompts — and, inside the runtime, prompts' causal attention,
+registered with transformers as ``hookmoe_sdpa`` with SDPA for everything else). Measured on Mixtral-8x7B
+shapes /2 (2 layers, 1 thread, AMD EPYC): TTFT at 1024 / 4096 tokens 4.42 / 21.2 s with torch's BLAS,
+2.11 / 10.7 s with oneDNN linears and experts (benchmarks/results/SPEED.md).
+
 What still costs time that k does not remove (CPU, measured by benchmarks/bench_profile.py): the
 per-layer Python/op overhead of transformers' attention, norms and decoder layer (~0.4 ms per layer per
-decode step on 2 shared EPYC cores), and for prompts the lower sgemm efficiency of smaller per-expert
-batches (M = tokens * k / experts rows).
+decode step on 2 shared EPYC cores).
 
 Example::
 
@@ -417,7 +422,7 @@ class _LeanDecoder:
             return False
         if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
             return False
-        return getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+        return getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager", cpu_gemm.ATTN_NAME)
 
     def usable(self) -> bool:
         """No forward hooks on the skipped outer modules other than a routing plan's mask bookkeeping (which
@@ -458,6 +463,7 @@ class Runtime:
     clock: str = "wall"
     lean: Any = "auto"
     _prev_impl: str | None = field(default=None, init=False, repr=False)
+    _prev_attn: str | None = field(default=None, init=False, repr=False)
     _compiled: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -479,9 +485,18 @@ class Runtime:
         self._lean = _LeanDecoder(self.mm) if supported and self.lean is not False and not self.compile else None
         self._clock = clock_fn(self.clock, dev)
         self._prev_impl = set_experts(self.mm, self.experts)
+        cfg = self.mm.model.config
+        if (dev.type == "cpu" and not self.compile and getattr(cfg, "_attn_implementation", None) == "sdpa"
+                and cpu_gemm.uses_onednn(self.mm.dtype)):
+            # prompts' causal attention on oneDNN products (cpu_gemm.causal_attention); SDPA for the rest
+            self.mm.model.set_attn_implementation(cpu_gemm.register_attention())
+            self._prev_attn = "sdpa"
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
+        if self._prev_attn is not None:
+            self.mm.model.set_attn_implementation(self._prev_attn)
+            self._prev_attn = None
         if self._prev_impl is not None:
             set_experts(self.mm, self._prev_impl)
             self._prev_impl = None
@@ -498,6 +513,8 @@ class Runtime:
             "default" if self.compile else None)
         return {"experts_implementation": self.experts, "device": str(dev), "dtype": str(self.mm.dtype),
                 "cache": self.cache, "compile": bool(self.compile), "compile_mode": mode,
+                "attention": getattr(self.mm.model.config, "_attn_implementation", None),
+                "cpu_gemm": cpu_gemm.describe() if dev.type == "cpu" else None,
                 "decode_step": "lean (batch without padding)" if self._lean is not None else "model forward",
                 "threads": torch.get_num_threads(), "clock": self.clock}
 
