@@ -53,6 +53,15 @@ def test_forward_and_gradients_match_f_linear(force_onednn, shape, bias):
         assert a.shape == r.shape and _rel(a, r) < 1e-5
 
 
+def test_weight_gradient_of_a_huge_output_without_copies(force_onednn, monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "GW_COPY_MAX", 10)
+    x = torch.randn(6, 16)
+    w = torch.randn(8, 16, requires_grad=True)
+    (gw,) = torch.autograd.grad(cpu_gemm.linear(x, w).sum(), [w])
+    assert torch.allclose(gw, torch.ones(6, 8).t() @ x, rtol=1e-5, atol=1e-5)
+    assert len(force_onednn) == 1  # the forward only
+
+
 def test_only_the_needed_gradients_are_computed(force_onednn):
     x = torch.randn(6, 16)
     w = torch.randn(8, 16, requires_grad=True)

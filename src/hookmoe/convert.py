@@ -42,7 +42,7 @@ from .cmoe_model import (
     HookmoeCMoEForCausalLM,
     dense_activation_name,
 )
-from .cpu_gemm import linear
+from .cpu_gemm import accelerate, linear
 
 __all__ = [
     "convert_dense",
@@ -411,6 +411,8 @@ def convert_dense(
         },
         "router_calibration": None,
     }
+    if next(moe.parameters()).device.type == "cpu":
+        accelerate(moe)  # its linears on the faster CPU kernel, as for every model hookmoe loads
     return moe
 
 

@@ -44,6 +44,7 @@ ENV = "HOOKMOE_CPU_GEMM"
 MIN_MACS = 1 << 18  # below this many multiply-adds oneDNN's per-call cost (~10 us) outweighs its speed
 AUTO_MARGIN = 1.10  # auto picks oneDNN only when the torch kernel takes at least this much longer
 _DTYPES = (torch.float32, torch.bfloat16)
+GW_COPY_MAX = 1 << 25  # largest output gradient (elements) the weight-gradient product copies transposed
 
 _backend: str | None = None  # None: read ENV on first use
 _choice: dict[torch.dtype, bool] = {}
@@ -161,7 +162,10 @@ class _OneDnnLinear(torch.autograd.Function):
             gx = _lp(grad.contiguous(), w.t(), None)  # weight [in, out] viewed as [out', in'] = W^T
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
-            gw = _lp(g2.t().contiguous(), x2.t().contiguous(), None)  # [out, rows] x [in, rows]^T
+            if g2.numel() > GW_COPY_MAX:  # no transposed copy of a huge gradient (an LM head's): torch's kernel
+                gw = g2.t() @ x2
+            else:
+                gw = _lp(g2.t().contiguous(), x2.t().contiguous(), None)  # [out, rows] x [in, rows]^T
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb
