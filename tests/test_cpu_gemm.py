@@ -199,3 +199,30 @@ def test_runtime_prompt_path_per_expert_onednn(force_onednn, monkeypatch):
     assert taken and all(taken) and attn
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_runtime_on_converted_models(force_onednn, monkeypatch, arch):
+    """CMoE models (nested text config; Gemma-3's sliding-window layers fall back to SDPA) through the oneDNN
+    runtime: reference logits, attention setting restored."""
+    from hookmoe.convert import convert_dense
+    from hookmoe.models import MoEModel
+    from test_convert import E, K, S, blocks, tiny_dense
+
+    monkeypatch.setattr(cpu_gemm, "ATTN_MIN_LEN", 1)
+    monkeypatch.setattr(cpu_gemm, "ATTN_BLOCK", 8)
+    attn = []
+    real_attn = cpu_gemm.causal_attention
+    monkeypatch.setattr(cpu_gemm, "causal_attention", lambda *a: attn.append(1) or real_attn(*a))
+    moe = convert_dense(tiny_dense(arch), None, blocks(8, 32, 1), num_experts=E, num_shared=S, top_k=K,
+                        progress=False)
+    mm = MoEModel(moe, None)
+    x = blocks(2, 30, 3)
+    with torch.inference_mode():
+        ref = moe(x).logits
+        with runtime.Runtime(mm) as rt:
+            got = rt.logits(x)
+    assert force_onednn
+    assert bool(attn) == (arch == "llama")  # the tiny Gemma-3's 3 layers are all sliding-window: SDPA
+    assert moe.config._attn_implementation == "sdpa"
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
