@@ -59,7 +59,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                 QWEN + ["--scale", "8", "--layers", "8", "--plan", "native", "--plan", "topk:1",
                         "--plan", "topk:2", "--plan", "topp:0.5", "--act", "2",
                         "--lengths", "1024,2048,4096", "--new-tokens", "256", "--itl-prompt", "128",
-                        "--repeats", "3"] + CPU),
+                        "--repeats", "5"] + CPU),
     # decode at larger shapes (the fixed per-layer framework overhead weighs less), with a dynamic rule
     "qwen_s2_decode": ("Qwen1.5-MoE-A2.7B shapes /2, 4 layers: decode only, native vs top-1, top-2 vs top-p at Act 2",
                        QWEN + ["--scale", "2", "--layers", "4", "--plan", "native", "--plan", "topk:1",

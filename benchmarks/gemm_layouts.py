@@ -3,7 +3,11 @@
 One expert's gate/up projection at Mixtral-8x7B shapes /2 (2048 -> 2 x 7168), fp32, 1 thread, process CPU
 time, for M routed rows: the runtime's layout (``F.linear(x, W)``, W ``[out, in]`` as transformers stores it),
 the same weights stored input-major (``x @ W_t``, contiguous ``[in, out]``) and MKL's pre-packed GEMM
-(``torch.ops.mkl._mkl_linear``, packed for one M). Writes benchmarks/results/gemm_layouts.json.
+(``torch.ops.mkl._mkl_linear``, packed for one M) and oneDNN's matmul on the runtime's layout
+(``torch.ops.mkldnn._linear_pointwise``, what ``hookmoe.cpu_gemm`` uses). Then, for the shapes the
+project runs (Mixtral /2 experts, SmolLM2's MLP and LM head, decode rows), torch's BLAS against oneDNN:
+forward, input gradient and weight gradient; and a prompt's causal attention (Mixtral /2 heads: 16 x 128,
+4 KV heads), torch's SDPA against ``cpu_gemm.causal_attention``. Writes benchmarks/results/gemm_layouts.json.
 
     taskset -c 1 python benchmarks/gemm_layouts.py
 """
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 
 from bench_profile import cpu_ms  # this folder (the script's own directory is on sys.path)
 from hookmoe.bench import machine_info
+from hookmoe.cpu_gemm import _lp, causal_attention
 
 OUT = Path(__file__).resolve().parent / "results" / "gemm_layouts.json"
 
@@ -26,6 +31,49 @@ OUT = Path(__file__).resolve().parent / "results" / "gemm_layouts.json"
 def best(fn) -> float:
     fn()  # warm-up
     return min(cpu_ms(fn, 3) for _ in range(3))
+
+
+SHAPES = {  # name: (rows, in, out)
+    "mixtral/2 expert gate_up, 1 row (decode)": (1, 2048, 14336),
+    "mixtral/2 expert gate_up, 128 rows": (128, 2048, 14336),
+    "mixtral/2 expert down, 128 rows": (128, 7168, 2048),
+    "mixtral/2 expert gate_up, 512 rows": (512, 2048, 14336),
+    "smollm2 mlp up, 1024 rows": (1024, 576, 1536),
+    "smollm2 mlp down, 1024 rows": (1024, 1536, 576),
+    "smollm2 lm head, 1024 rows": (1024, 576, 49152),
+}
+
+
+def backends() -> dict:
+    """torch's BLAS vs oneDNN: forward ``x W^T``, input gradient ``g W``, weight gradient ``g^T x``."""
+    out = {}
+    gen = torch.Generator().manual_seed(1)
+    for name, (m, k, n) in SHAPES.items():
+        w, x, g = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen), torch.randn(m, n, generator=gen)
+        ref = F.linear(x, w)
+        assert ((_lp(x, w, None) - ref).norm() / ref.norm()).item() < 1e-5
+        r = {"torch_fwd": best(lambda: F.linear(x, w)), "onednn_fwd": best(lambda: _lp(x, w, None)),
+             "torch_dx": best(lambda: g @ w), "onednn_dx": best(lambda: _lp(g, w.t(), None)),
+             "torch_dw": best(lambda: g.t() @ x),
+             "onednn_dw": best(lambda: _lp(g.t().contiguous(), x.t().contiguous(), None))}
+        out[name] = r
+        print(name, {a: round(b, 2) for a, b in r.items()}, flush=True)
+    return out
+
+
+def attention() -> dict:
+    """One layer's causal prompt attention, ms: torch's SDPA vs oneDNN products in query blocks."""
+    out = {}
+    gen = torch.Generator().manual_seed(2)
+    for t in (1024, 4096):
+        q = torch.randn(1, 16, t, 128, generator=gen)
+        k, v = torch.randn(1, 4, t, 128, generator=gen), torch.randn(1, 4, t, 128, generator=gen)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(causal_attention(q, k, v, 128 ** -0.5), ref.transpose(1, 2), rtol=1e-4, atol=1e-4)
+        out[str(t)] = {"sdpa": best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+                       "onednn_blocks": best(lambda: causal_attention(q, k, v, 128 ** -0.5))}
+        print("attention", t, {a: round(b, 1) for a, b in out[str(t)].items()}, flush=True)
+    return out
 
 
 def main() -> int:
@@ -42,12 +90,15 @@ def main() -> int:
            "ms": {}}
     for m in rows:
         x = torch.randn(m, k)
-        r = {"linear_out_in": best(lambda: F.linear(x, w)), "matmul_in_out": best(lambda: x @ wt)}
+        r = {"linear_out_in": best(lambda: F.linear(x, w)), "matmul_in_out": best(lambda: x @ wt),
+             "onednn_out_in": best(lambda: _lp(x, w, None))}
         if mkl:
             torch.testing.assert_close(torch.ops.mkl._mkl_linear(x, pw, w, None, packed_for), F.linear(x, w))
             r["mkl_packed"] = best(lambda: torch.ops.mkl._mkl_linear(x, pw, w, None, packed_for))
         res["ms"][str(m)] = r
         print(m, {a: round(b, 1) for a, b in r.items()}, flush=True)
+    res["backends"] = backends()
+    res["attention"] = attention()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {OUT}")

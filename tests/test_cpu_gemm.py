@@ -34,7 +34,8 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("shape", [(7, 24), (2, 5, 24)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_forward_and_gradients_match_f_linear(force_onednn, shape, bias):
+def test_forward_and_gradients_match_f_linear(force_onednn, monkeypatch, shape, bias):
+    monkeypatch.setattr(cpu_gemm, "BWD_MIN_ROWS", 1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, requires_grad=True)
     w = torch.randn(40, 24, generator=g, requires_grad=True)
@@ -53,8 +54,9 @@ def test_forward_and_gradients_match_f_linear(force_onednn, shape, bias):
         assert a.shape == r.shape and _rel(a, r) < 1e-5
 
 
-def test_weight_gradient_of_a_huge_output_without_copies(force_onednn, monkeypatch):
-    monkeypatch.setattr(cpu_gemm, "GW_COPY_MAX", 10)
+@pytest.mark.parametrize("limit", ["GW_COPY_MAX", "BWD_MIN_ROWS"])
+def test_weight_gradient_of_a_huge_output_or_few_rows_on_torch(force_onednn, monkeypatch, limit):
+    monkeypatch.setattr(cpu_gemm, limit, 10 if limit == "GW_COPY_MAX" else 100)
     x = torch.randn(6, 16)
     w = torch.randn(8, 16, requires_grad=True)
     (gw,) = torch.autograd.grad(cpu_gemm.linear(x, w).sum(), [w])
@@ -62,7 +64,8 @@ def test_weight_gradient_of_a_huge_output_without_copies(force_onednn, monkeypat
     assert len(force_onednn) == 1  # the forward only
 
 
-def test_only_the_needed_gradients_are_computed(force_onednn):
+def test_only_the_needed_gradients_are_computed(force_onednn, monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "BWD_MIN_ROWS", 1)
     x = torch.randn(6, 16)
     w = torch.randn(8, 16, requires_grad=True)
     (gw,) = torch.autograd.grad(cpu_gemm.linear(x, w).sum(), [w])

@@ -1,14 +1,14 @@
 """Faster CPU matrix products: oneDNN instead of the default BLAS where it measures faster.
 
 Why: on CPUs where torch's BLAS (MKL) does not pick its AVX-512 kernels — AMD EPYC among them — fp32
-``F.linear`` runs at about half of what the core can do. Measured on this project's 2-core AMD EPYC VM
-(1 thread, torch 2.13 with MKL 2024.2 and oneDNN 3.12; ``benchmarks/gemm_layouts.py --backends``):
-a Mixtral-expert gate/up projection (2048 -> 14336) on 128 rows takes 94 ms with MKL and 35 ms with
-oneDNN's matmul; SmolLM2's MLP shapes on 1024 rows 18 vs 8 ms; and MKL's time has an 18 ms per-call
-part that does not shrink with the rows, which is what kept top-2 -> top-1 below 2x at 1024-token
-prompts. oneDNN is in every x86 torch build (``torch.ops.mkldnn._linear_pointwise``), takes the plain
-``[out, in]`` weight as it is stored (nothing is re-packed or copied), and its results differ from MKL's
-by floating-point rounding only (~1e-7 relative in fp32).
+``F.linear`` runs at less than half of what the core can do. Measured on this project's 2-core AMD EPYC VM
+(1 thread, torch 2.13 with MKL 2024.2 and oneDNN 3.12; ``benchmarks/gemm_layouts.py`` →
+``benchmarks/results/gemm_layouts.json``): a Mixtral-expert gate/up projection (2048 -> 14336) on 128 rows
+takes 83 ms with MKL and 36 ms with oneDNN's matmul, SmolLM2's MLP up projection on 1024 rows 17.7 vs
+7.7 ms, its LM head 710 vs 343 ms; input and weight gradients 1.4-2.2x faster too. oneDNN is in every x86
+torch build (``torch.ops.mkldnn._linear_pointwise``), takes the plain ``[out, in]`` weight as it is stored
+(nothing is re-packed or copied), and its results differ from MKL's by floating-point rounding only
+(~1e-7 relative in fp32).
 
 What it does:
 
@@ -19,6 +19,9 @@ What it does:
   so training gets the speed too.
 * :func:`accelerate` — routes a model's ``nn.Linear`` modules through :func:`linear` (an instance-level
   ``forward``; :func:`restore` undoes it). hookmoe applies it to every model it loads on the CPU.
+* :func:`causal_attention` / :func:`attention_forward` — a whole prompt's causal attention on the same
+  kernel, registered with transformers as :data:`ATTN_NAME` (SDPA for everything else); the runtime turns it
+  on for its lifetime (1.8x faster than torch's CPU SDPA for a 4096-token Mixtral /2 layer).
 * The backend: ``HOOKMOE_CPU_GEMM`` = ``auto`` (default), ``onednn`` or ``torch`` (torch's own BLAS), or
   :func:`set_backend`. ``auto`` times both kernels once per process and dtype on a mid-size product
   (a few ms) and takes oneDNN only when it is at least :data:`AUTO_MARGIN` faster, so on CPUs where MKL
@@ -37,13 +40,15 @@ from torch.nn import functional as F
 
 from .errors import UserError
 
-__all__ = ["linear", "accelerate", "restore", "set_backend", "backend", "uses_onednn", "describe", "MIN_MACS"]
+__all__ = ["linear", "accelerate", "restore", "set_backend", "backend", "uses_onednn", "describe", "MIN_MACS",
+           "causal_attention", "attention_forward", "register_attention", "ATTN_NAME"]
 
 BACKENDS = ("auto", "onednn", "torch")
 ENV = "HOOKMOE_CPU_GEMM"
 MIN_MACS = 1 << 18  # below this many multiply-adds oneDNN's per-call cost (~10 us) outweighs its speed
 AUTO_MARGIN = 1.10  # auto picks oneDNN only when the torch kernel takes at least this much longer
 _DTYPES = (torch.float32, torch.bfloat16)
+BWD_MIN_ROWS = 16  # backward products on fewer rows use torch's kernel (1 row: 5 vs 10 ms, Mixtral /2 expert)
 GW_COPY_MAX = 1 << 25  # largest output gradient (elements) the weight-gradient product copies transposed
 
 _backend: str | None = None  # None: read ENV on first use
@@ -107,8 +112,11 @@ def _auto_choice(dtype: torch.dtype) -> bool:
     x = torch.randn(128, 1024, generator=gen).to(dtype)
     w = torch.randn(2048, 1024, generator=gen).to(dtype)
     with torch.inference_mode():
+        try:
+            t_dnnl = _time_ms(lambda: _lp(x, w, None))
+        except (RuntimeError, NotImplementedError):  # a build whose oneDNN op cannot run here
+            return False
         t_torch = _time_ms(lambda: F.linear(x, w))
-        t_dnnl = _time_ms(lambda: _lp(x, w, None))
     _probe[str(dtype).replace("torch.", "")] = {"torch_ms": round(t_torch, 3), "onednn_ms": round(t_dnnl, 3)}
     return t_torch >= AUTO_MARGIN * t_dnnl
 
@@ -158,11 +166,12 @@ class _OneDnnLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
         g2 = grad.reshape(-1, grad.shape[-1])
+        few = g2.shape[0] < BWD_MIN_ROWS  # a handful of rows: W^T-view and transposed copies cost more (measured)
         if ctx.needs_input_grad[0]:
-            gx = _lp(grad.contiguous(), w.t(), None)  # weight [in, out] viewed as [out', in'] = W^T
+            gx = grad @ w if few else _lp(grad.contiguous(), w.t(), None)  # weight [in, out] viewed as W^T
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
-            if g2.numel() > GW_COPY_MAX:  # no transposed copy of a huge gradient (an LM head's): torch's kernel
+            if few or g2.numel() > GW_COPY_MAX:  # no transposed copy of a huge gradient (an LM head's)
                 gw = g2.t() @ x2
             else:
                 gw = _lp(g2.t().contiguous(), x2.t().contiguous(), None)  # [out, rows] x [in, rows]^T

@@ -37,8 +37,8 @@ goes to per-kernel / per-op overhead, not expert math. Two parts fix that:
 On the CPU, products go to oneDNN where it is the faster kernel (``cpu_gemm``: the model's linears, the
 experts — one product per expert for prompts — and, inside the runtime, prompts' causal attention,
 registered with transformers as ``hookmoe_sdpa`` with SDPA for everything else). Measured on Mixtral-8x7B
-shapes /2 (2 layers, 1 thread, AMD EPYC): TTFT at 1024 / 4096 tokens 4.42 / 21.2 s with torch's BLAS,
-2.11 / 10.7 s with oneDNN linears and experts (benchmarks/results/SPEED.md).
+shapes /2 (2 layers, 1 thread, AMD EPYC): native TTFT at 1024 / 4096 tokens 4.42 / 21.2 s with torch's
+BLAS, 2.01 / 9.18 s with oneDNN linears, experts and attention (benchmarks/results/SPEED.md).
 
 What still costs time that k does not remove (CPU, measured by benchmarks/bench_profile.py): the
 per-layer Python/op overhead of transformers' attention, norms and decoder layer (~0.4 ms per layer per
