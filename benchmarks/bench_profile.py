@@ -135,6 +135,7 @@ def decode_breakdown(mm, k: int, steps: int = 100, context: int = 256) -> dict:
 
     def wrap(mod, name):
         f = mod.forward
+        wrapped.append((mod, mod.__dict__.get("forward")))  # an instance forward (cpu_gemm) comes back after
 
         def g(*a, **kw):
             c0 = time.process_time()
@@ -143,7 +144,6 @@ def decode_breakdown(mm, k: int, steps: int = 100, context: int = 256) -> dict:
             return r
 
         mod.forward = g
-        wrapped.append(mod)
 
     for layer in mm.model.model.layers:
         a = layer.self_attn
@@ -187,8 +187,11 @@ def decode_breakdown(mm, k: int, steps: int = 100, context: int = 256) -> dict:
                 for _ in range(20):
                     one()
     finally:
-        for mod in wrapped:
-            mod.__dict__.pop("forward", None)
+        for mod, prev in reversed(wrapped):
+            if prev is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = prev
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     prof_total = sum(e.self_cpu_time_total for e in ops) / 20 / 1e3
     mm_ms = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 20 / 1e3
