@@ -71,7 +71,13 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                        QWEN + ["--scale", "1", "--layers", "2", "--plan", "native", "--plan", "topk:1",
                                "--plan", "topk:2", "--plan", "topp:0.5", "--act", "2",
                                "--lengths", "none", "--new-tokens", "128", "--repeats", "7"] + CPU),
-    # prefill at larger shapes (at 1024 tokens top-1 still loses sgemm efficiency: see SPEED.md)
+    # the real Qwen shapes for prompts too, so that one scale per model covers prefill and decode
+    "qwen_s1_prefill": ("Qwen1.5-MoE-A2.7B real shapes (unscaled), 2 layers: prefill only, native vs top-1, "
+                        "top-2 vs top-p at Act 2",
+                        QWEN + ["--scale", "1", "--layers", "2", "--plan", "native", "--plan", "topk:1",
+                                "--plan", "topk:2", "--plan", "topp:0.5", "--act", "2",
+                                "--lengths", "1024,2048,4096", "--new-tokens", "0", "--repeats", "3"] + CPU),
+    # prefill at larger shapes (the per-call costs of the expert products weigh less: see SPEED.md)
     "mixtral_s2_prefill": ("Mixtral-8x7B shapes /2, 2 layers: prefill only, native vs top-1",
                            MIXTRAL + ["--scale", "2", "--layers", "2", "--plan", "native", "--plan", "topk:1",
                                       "--lengths", "1024,2048,4096", "--new-tokens", "0", "--repeats", "5"] + CPU),
