@@ -1,5 +1,8 @@
 """The oneDNN CPU linear (hookmoe.cpu_gemm): same numbers as F.linear, gradients included, used where chosen."""
 
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -122,11 +125,14 @@ def test_backend_setting_and_probe(monkeypatch):
         cpu_gemm.set_backend(prev)
 
 
-def test_accelerate_and_restore(force_onednn):
-    class Custom(nn.Linear):
-        def forward(self, x):
-            return super().forward(x) * 2
+class Custom(nn.Linear):
+    """A linear subclass with its own forward (accelerate must leave it alone)."""
 
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_accelerate_and_restore(force_onednn):
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), Custom(32, 8))
     x = torch.randn(5, 16)
     ref = model(x)
@@ -137,6 +143,11 @@ def test_accelerate_and_restore(force_onednn):
     assert len(force_onednn) == 1 and _rel(out, ref) < 1e-5
     out.sum().backward()  # trains through the oneDNN backward
     assert model[0].weight.grad is not None
+    buf = io.BytesIO()  # a whole accelerated model survives torch.save / torch.load and deepcopy
+    torch.save(model, buf)
+    buf.seek(0)
+    for clone in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        assert torch.allclose(clone(x), out) and clone[0].forward.args[0] is clone[0]
     assert cpu_gemm.restore(model) == 1 and "forward" not in model[0].__dict__
     force_onednn.clear()
     model(x)
