@@ -10,8 +10,7 @@ markers, N neurons per token), ``contrib`` (|h| x |W_down column|, token-normali
 ``neuron:F``: every token keeps its top fraction F of neurons by |h| (no experts).
 Text: gensim's Wikipedia sample, 8 x 512 calibration / 8 x 512 held-out tokens.
 """
-import sys, time, torch, types, math
-import torch.nn.functional as F
+import sys, time, torch, types
 sys.path.insert(0, "/work/main/benchmarks")
 import cmoe_probe as P
 from hookmoe.convert import _balanced_kmeans

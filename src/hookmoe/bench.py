@@ -32,7 +32,6 @@ per-token work and the theoretical limits equal the real model's) so the shapes 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform

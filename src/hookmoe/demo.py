@@ -170,7 +170,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     rows: list[dict] = []
     with _Stage(cfg, "eval dense"):
         r = _ppl(dense_view, eval_blocks, progress=cfg.progress, label="dense")
-    ffn = int(dense.config.intermediate_size)
     rows.append({"name": "dense", "plan": "-", "act": None, "ffn_active_pct": 100.0, "ppl": r["ppl"]})
 
     with _Stage(cfg, "convert"):
