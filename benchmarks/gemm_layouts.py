@@ -6,8 +6,8 @@ the same weights stored input-major (``x @ W_t``, contiguous ``[in, out]``) and 
 (``torch.ops.mkl._mkl_linear``, packed for one M) and oneDNN's matmul on the runtime's layout
 (``torch.ops.mkldnn._linear_pointwise``, what ``hookmoe.cpu_gemm`` uses). Then, for the shapes the
 project runs (Mixtral /2 experts, SmolLM2's MLP and LM head, decode rows), torch's BLAS against oneDNN:
-forward, input gradient and weight gradient; and a prompt's causal attention (Mixtral /2 heads: 16 x 128,
-4 KV heads), torch's SDPA against ``cpu_gemm.causal_attention``. Writes benchmarks/results/gemm_layouts.json.
+forward, input gradient and weight gradient; and a prompt's causal attention (Mixtral /2 and Qwen1.5-MoE
+heads), torch's SDPA against ``cpu_gemm.causal_attention``. Writes benchmarks/results/gemm_layouts.json.
 
     taskset -c 1 python benchmarks/gemm_layouts.py
 """
@@ -65,14 +65,19 @@ def attention() -> dict:
     """One layer's causal prompt attention, ms: torch's SDPA vs oneDNN products in query blocks."""
     out = {}
     gen = torch.Generator().manual_seed(2)
-    for t in (1024, 4096):
-        q = torch.randn(1, 16, t, 128, generator=gen)
-        k, v = torch.randn(1, 4, t, 128, generator=gen), torch.randn(1, 4, t, 128, generator=gen)
-        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        torch.testing.assert_close(causal_attention(q, k, v, 128 ** -0.5), ref.transpose(1, 2), rtol=1e-4, atol=1e-4)
-        out[str(t)] = {"sdpa": best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
-                       "onednn_blocks": best(lambda: causal_attention(q, k, v, 128 ** -0.5))}
-        print("attention", t, {a: round(b, 1) for a, b in out[str(t)].items()}, flush=True)
+    for name, heads, kv_heads in (("mixtral/2: 16 heads x 128, 4 KV heads", 16, 4),
+                                  ("qwen1.5-moe: 16 heads x 128, 16 KV heads", 16, 16)):
+        for t in (1024, 4096):
+            q = torch.randn(1, heads, t, 128, generator=gen)
+            k = torch.randn(1, kv_heads, t, 128, generator=gen)
+            v = torch.randn(1, kv_heads, t, 128, generator=gen)
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            torch.testing.assert_close(causal_attention(q, k, v, 128 ** -0.5), ref.transpose(1, 2), rtol=1e-4,
+                                       atol=1e-4)
+            r = {"sdpa": best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+                 "onednn_blocks": best(lambda: causal_attention(q, k, v, 128 ** -0.5))}
+            out[f"{name}, {t} tokens"] = r
+            print("attention", name, t, {a: round(b, 1) for a, b in r.items()}, flush=True)
     return out
 
 
