@@ -89,7 +89,8 @@ def test_bfloat16(force_onednn):
 def test_falls_back_to_torch(force_onednn, monkeypatch):
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     cpu_gemm.linear(x.double(), w.double())  # dtype oneDNN is not used for
-    cpu_gemm.linear(x, w.t().contiguous().t())  # a 2-D weight view is fine ...
+    wv = w.t().contiguous().t()  # a non-contiguous 2-D weight view is fine ...
+    assert not wv.is_contiguous() and torch.allclose(cpu_gemm.linear(x, wv), F.linear(x, w), atol=1e-6)
     n = len(force_onednn)
     cpu_gemm.linear(x[0], w)  # ... a 1-D input is not
     cpu_gemm.set_backend("torch")
