@@ -31,6 +31,19 @@ def force_onednn(monkeypatch):
     cpu_gemm.set_backend(prev)
 
 
+def _spy(monkeypatch, module, name) -> list:
+    """Replace ``module.name`` by a wrapper that records each call's result; returns the record."""
+    results = []
+    real = getattr(module, name)
+
+    def wrapper(*args):
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(module, name, wrapper)
+    return results
+
+
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -140,6 +153,7 @@ def test_accelerate_and_restore(force_onednn):
     assert not force_onednn
     assert cpu_gemm.accelerate(model) == 1  # the subclass with its own forward is left alone
     assert cpu_gemm.accelerate(model) == 0  # idempotent
+    assert cpu_gemm.accelerate(nn.Linear(4, 4, device="meta")) == 0  # not on the CPU: left alone
     out = model(x)
     assert len(force_onednn) == 1 and _rel(out, ref) < 1e-5
     out.sum().backward()  # trains through the oneDNN backward
@@ -195,12 +209,8 @@ def test_runtime_prompt_path_per_expert_onednn(force_onednn, monkeypatch):
     monkeypatch.setattr(runtime, "PER_EXPERT_MIN_MACS", 0)
     monkeypatch.setattr(cpu_gemm, "ATTN_MIN_LEN", 1)
     monkeypatch.setattr(cpu_gemm, "ATTN_BLOCK", 16)
-    attn = []
-    real_attn = cpu_gemm.causal_attention
-    monkeypatch.setattr(cpu_gemm, "causal_attention", lambda *a: attn.append(1) or real_attn(*a))
-    taken = []
-    real = runtime._per_expert_onednn
-    monkeypatch.setattr(runtime, "_per_expert_onednn", lambda *a: taken.append(real(*a)) or taken[-1])
+    attn = _spy(monkeypatch, cpu_gemm, "causal_attention")
+    taken = _spy(monkeypatch, runtime, "_per_expert_onednn")
     mm = load("tiny:mixtral")
     ids = torch.randint(0, mm.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode(), mm.routing("topk:1"):
@@ -226,9 +236,7 @@ def test_runtime_on_converted_models(force_onednn, monkeypatch, arch):
 
     monkeypatch.setattr(cpu_gemm, "ATTN_MIN_LEN", 1)
     monkeypatch.setattr(cpu_gemm, "ATTN_BLOCK", 8)
-    attn = []
-    real_attn = cpu_gemm.causal_attention
-    monkeypatch.setattr(cpu_gemm, "causal_attention", lambda *a: attn.append(1) or real_attn(*a))
+    attn = _spy(monkeypatch, cpu_gemm, "causal_attention")
     moe = convert_dense(tiny_dense(arch), None, blocks(8, 32, 1), num_experts=E, num_shared=S, top_k=K,
                         progress=False)
     mm = MoEModel(moe, None)

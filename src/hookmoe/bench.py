@@ -45,6 +45,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import typer
 
+from . import cpu_gemm
 from .errors import ModelError, UserError
 
 BENCH_FORMAT = "hookmoe-bench/1"
@@ -459,8 +460,6 @@ def machine_info() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    from . import cpu_gemm
-
     info["cpu_gemm"] = cpu_gemm.describe()
     try:
         from . import __version__

@@ -411,8 +411,7 @@ def convert_dense(
         },
         "router_calibration": None,
     }
-    if next(moe.parameters()).device.type == "cpu":
-        accelerate(moe)  # its linears on the faster CPU kernel, as for every model hookmoe loads
+    accelerate(moe)  # on the CPU: its linears on the faster kernel, as for every model hookmoe loads
     return moe
 
 

@@ -196,9 +196,13 @@ def _linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
 
 
 def accelerate(model: nn.Module) -> int:
-    """Route ``model``'s plain ``nn.Linear`` modules through :func:`linear`; returns how many. Modules whose
-    class overrides ``forward`` (quantised linears and the like) or that already carry an instance-level
-    ``forward`` are left alone. Idempotent; :func:`restore` undoes it."""
+    """Route ``model``'s plain ``nn.Linear`` modules through :func:`linear`; returns how many. A model whose
+    parameters are not on the CPU, modules whose class overrides ``forward`` (quantised linears and the
+    like) and modules that already carry an instance-level ``forward`` are left alone. Idempotent;
+    :func:`restore` undoes it."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu":
+        return 0
     n = 0
     for m in model.modules():
         if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and "forward" not in m.__dict__:
