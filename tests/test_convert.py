@@ -340,6 +340,36 @@ def test_distill_moe_lowers_heldout_kl_and_trains_only_its_part(train):
     assert moe.cmoe_info["finetune"]["after"]["kl"] == metrics["after"]["kl"]
 
 
+def test_distill_moe_layerwise_hidden_loss_and_eval_curve():
+    from hookmoe.convert import _hidden_distance
+
+    dense = tiny_dense("llama", seed=5, initializer_range=0.08)
+    calib = blocks(16, 32, 21)
+    ids = calib[:2]
+    moe = convert_dense(dense, None, calib, num_experts=E, num_shared=S, top_k=K, progress=False)
+    moe.set_experts_implementation("eager")
+    with torch.no_grad():
+        t = dense(input_ids=ids, output_hidden_states=True).hidden_states
+        m = moe(input_ids=ids, output_hidden_states=True).hidden_states
+        moe.set_top_k(E)  # every expert on: the layer outputs are the dense model's
+        full = moe(input_ids=ids, output_hidden_states=True).hidden_states
+        moe.set_top_k(K)
+    assert len(t) == len(m) == dense.config.num_hidden_layers + 1
+    assert float(_hidden_distance(t, full)) < 1e-8
+    d0 = float(_hidden_distance(t, m))
+    assert d0 > 1e-4
+    metrics = distill_moe(moe, dense, calib, steps=20, lr=1e-3, batch_size=8, hidden_weight=1.0,
+                          eval_blocks=calib, eval_every=10, progress=False)
+    assert [p["step"] for p in metrics["eval_curve"]] == [10, 20]
+    assert metrics["eval_curve"][-1]["kl"] < metrics["before"]["kl"]
+    assert "hidden" in metrics["objective"] and metrics["hidden_weight"] == 1.0
+    with torch.no_grad():
+        m = moe(input_ids=ids, output_hidden_states=True).hidden_states
+    assert float(_hidden_distance(t, m)) < d0  # the layer-wise term is what moved
+    with pytest.raises(ValueError, match="hidden_weight"):
+        distill_moe(moe, dense, calib, steps=1, hidden_weight=-1.0, progress=False)
+
+
 def test_distill_moe_lr_schedule_warms_up_then_decays():
     from hookmoe.convert import _warmup_cosine
 

@@ -93,3 +93,27 @@ def test_demo_single_hook_layer(dense_dir, tmp_path):
     assert [r["name"] for r in result["rows"]][-2:] == ["MoE reduced k + Hook@2", "MoE TLNLE + Hook@2"]
     assert "Hook@2 recovers" in (tmp_path / "r" / "report.md").read_text()
     assert not (tmp_path / "r" / "moe").exists()
+
+
+def test_convert_command_end_to_end(dense_dir, tmp_path, capsys):
+    """`hookmoe convert` with a KD fine-tune (layer-wise term on): a loadable MoE directory whose record says so;
+    bad shapes are one-line errors."""
+    from hookmoe.cli import main
+
+    out = tmp_path / "moe"
+    argv = ["convert", str(dense_dir), "--experts", "6", "--shared", "2", "--top-k", "4", "--out", str(out),
+            "--calib-blocks", "4", "--seq-len", "32", "--finetune-steps", "2", "--finetune-blocks", "4",
+            "--finetune-hidden-weight", "0.5", "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0, capsys.readouterr().err
+    assert "6 routed + 2 shared experts per FFN, top-4" in capsys.readouterr().out
+    record = json.loads((out / "cmoe.json").read_text())
+    assert record["finetune"]["steps"] == 2 and record["finetune"]["hidden_weight"] == 0.5
+    mm = hookmoe.load(str(out), dtype="float32", device="cpu")
+    assert mm.native_top_k == 4 and len(mm.layers) == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv[:3] + ["5"] + argv[4:])  # 5 + 2 experts do not divide the 128-neuron FFN
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and "Traceback" not in err
