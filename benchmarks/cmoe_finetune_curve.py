@@ -3,7 +3,8 @@
 Same model, data and conversion as ``hookmoe demo`` (SmolLM2-135M by default, CMoE E6 S2 K4, the builtin
 corpus's ``train`` split for conversion and fine-tuning, 16 x 512 ``heldout`` tokens for evaluation), then
 ``convert.distill_moe`` for ``--steps`` steps with the held-out KL and perplexities recorded every
-``--eval-every`` steps. Optional layer-wise hidden-state distillation (``--hidden-weight``).
+``--eval-every`` steps. Optional layer-wise hidden-state distillation (``--hidden-weight``) and layer-local
+router calibration before it (``--calibrate-steps``).
 
     python benchmarks/cmoe_finetune_curve.py --steps 160 --eval-every 40 --out benchmarks/results/ft_curve.json
 
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=6)
     ap.add_argument("--shared", type=int, default=2)
     ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--calibrate-steps", type=int, default=0, help="layer-local router calibration first (0 = off)")
     ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch", type=int, default=4)
@@ -57,6 +59,13 @@ def main() -> None:
     moe = cv.convert_dense(dense, tok, conv, num_experts=args.experts, num_shared=args.shared, top_k=args.top_k,
                            seed=args.seed, progress=False)
     print(f"loaded + converted in {time.perf_counter() - t0:.1f} s", flush=True)
+    calibration = None
+    if args.calibrate_steps:
+        router_blocks = make_blocks(tok, "builtin", 16, 512, split="train", seed=args.seed + 1)  # as the demo
+        calibration = cv.calibrate_routers(moe, dense, router_blocks, steps=args.calibrate_steps, eval_blocks=held,
+                                           seed=args.seed, progress=True)
+        print(f"router calibration: {calibration['before']} -> {calibration['after']} "
+              f"({calibration['train_seconds']} s)", flush=True)
     metrics = cv.distill_moe(moe, dense, train, steps=args.steps, lr=args.lr, batch_size=args.batch,
                              train=args.train, hidden_weight=args.hidden_weight, eval_blocks=held,
                              eval_every=args.eval_every, seed=args.seed, progress=True)
@@ -67,6 +76,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "args": vars(args),
         "before": metrics.get("before"),
+        "router_calibration": calibration,
         "metrics": metrics,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__, "cpu_gemm": describe()},

@@ -362,6 +362,7 @@ def test_distill_moe_layerwise_hidden_loss_and_eval_curve():
                           eval_blocks=calib, eval_every=10, progress=False)
     assert [p["step"] for p in metrics["eval_curve"]] == [10, 20]
     assert metrics["eval_curve"][-1]["kl"] < metrics["before"]["kl"]
+    assert metrics["after"]["kl"] == metrics["eval_curve"][-1]["kl"]  # the last point is the final measurement
     assert "hidden" in metrics["objective"] and metrics["hidden_weight"] == 1.0
     with torch.no_grad():
         m = moe(input_ids=ids, output_hidden_states=True).hidden_states

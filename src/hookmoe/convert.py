@@ -493,7 +493,7 @@ def heldout_kl(cmoe_model, dense_model, blocks: torch.LongTensor, batch_size: in
 
 
 def _finish_metrics(metrics: dict, losses: list[float], cmoe_model, dense_model, eval_blocks, batch_size: int,
-                    info_key: str) -> None:
+                    info_key: str, after: dict | None = None) -> None:
     """Loss summary (first/last window means, a <= 50-point curve), held-out KL after training when
     ``eval_blocks`` is given, and a copy without the curve in ``cmoe_model.cmoe_info[info_key]``."""
     if losses:
@@ -502,7 +502,9 @@ def _finish_metrics(metrics: dict, losses: list[float], cmoe_model, dense_model,
         metrics["loss_last"] = float(np.mean(losses[-w:]))
         stride = max(1, len(losses) // 50)
         metrics["loss_curve"] = [round(v, 5) for v in losses[::stride]]
-    if eval_blocks is not None:
+    if after is not None:  # already measured on eval_blocks by the caller
+        metrics["after"] = after
+    elif eval_blocks is not None:
         metrics["after"] = heldout_kl(cmoe_model, dense_model, eval_blocks, batch_size)
     info = getattr(cmoe_model, "cmoe_info", None)
     if isinstance(info, dict):
@@ -808,9 +810,12 @@ def distill_moe(
                 point = heldout_kl(cmoe_model, dense_model, eval_blocks, batch_size)
                 curve.append({"step": step, "seconds": round(time.perf_counter() - t0, 1), **point})
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
+    after = None
     if curve is not None:
         metrics["eval_curve"] = curve
-    _finish_metrics(metrics, losses, cmoe_model, dense_model, eval_blocks, batch_size, "finetune")
+        if curve and curve[-1]["step"] == steps:
+            after = {k: v for k, v in curve[-1].items() if k not in ("step", "seconds")}
+    _finish_metrics(metrics, losses, cmoe_model, dense_model, eval_blocks, batch_size, "finetune", after)
     return metrics
 
 
@@ -860,7 +865,6 @@ def register_cli(app) -> None:
         from .data import make_blocks
         from .errors import UserError
         from .models import load_causal_lm
-
         from transformers.utils import logging as hf_logging
 
         bars_on = hf_logging.is_progress_bar_enabled()
