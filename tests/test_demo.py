@@ -36,7 +36,10 @@ def test_demo_runs_every_stage_on_a_local_dense_model(dense_dir, tmp_path):
                      hook_steps=3, val_blocks=2, threads=1, progress=False)
     result = run_demo(cfg)
     names = [r["name"] for r in result["rows"]]
-    assert names[:3] == ["dense", "MoE native k, training-free (before fine-tune)", "MoE native k"]
+    assert names[:4] == ["dense", "MoE native k, training-free", "MoE native k, routers calibrated (2 steps)",
+                         "MoE native k"]
+    assert result["native_ppl_training_free"] == result["rows"][1]["ppl"]
+    assert result["native_ppl_routers_calibrated"] == result["rows"][2]["ppl"]
     by = {r["name"]: r for r in result["rows"]}
     assert by["MoE native k"]["act"] == pytest.approx(4.0) and by["MoE native k"]["ffn_active_pct"] == 75.0
     assert by["MoE reduced k (uniform)"]["act"] == pytest.approx(3.0)
@@ -45,6 +48,7 @@ def test_demo_runs_every_stage_on_a_local_dense_model(dense_dir, tmp_path):
     assert set(result["checks"]) == {"native_within_10pct_of_dense", "native_ffn_active_le_75pct",
                                      "reduced_ge_15pct_worse_than_native", "hook_recovers_ge_30pct_of_gap"}
     assert result["conversion"]["finetune"]["steps"] == 3
+    assert result["conversion"]["finetune"]["train"] == DemoConfig.finetune_train
     assert result["conversion"]["router_calibration"]["steps"] == 2
     for f in ("report.md", "demo.json", "hook/hookmoe.json", "hook/hook.safetensors", "moe/config.json",
               "moe/cmoe.json"):
@@ -72,6 +76,8 @@ def test_demo_rejects_unknown_models_and_bad_k(tmp_path):
         run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), top_k=4, reduced_k=4))
     with pytest.raises(UserError, match="hook-inner-size"):  # refused before any loading
         run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), hook_inner_size=-1))
+    with pytest.raises(UserError, match="finetune-train must be one of moe, experts, routers"):
+        run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), finetune_train="attention"))
 
 
 def test_demo_refuses_a_bad_hook_layer_before_converting(dense_dir, tmp_path):

@@ -38,11 +38,14 @@ class DemoConfig:
     seq_len: int = 512
     convert_blocks: int = 8
     router_blocks: int = 16
-    router_steps: int = 0  # router calibration (layer-local); measured to buy little next to the fine-tune
-    # KD fine-tune of the MoE blocks (routers + experts) against the dense model; measured on SmolLM2: native k
-    # 42.41 after 45 steps, 42.75 after 80 (2026-11-29), so the time goes to the Hooks instead
+    # router calibration (layer-local, routers only) then a KD fine-tune of the experts with the routers frozen
+    # (benchmarks/results/cmoe_finetune/, SmolLM2, held-out native-k ppl, dense 21.44, training-free 63.89):
+    # 60 calibration steps alone 44.82; + 45 expert steps 34.85; 45 steps of experts only 41.66; 45 steps of
+    # routers + experts together 42.4-49.8 over three runs (the router's straight-through gradient is noisy)
+    router_steps: int = 60
     finetune_steps: int = 45
     finetune_lr: float = 3e-4
+    finetune_train: str = "experts"  # what the fine-tune trains: moe (routers + experts) | experts | routers
     finetune_blocks: int = 256  # 256-token blocks, a batch drawn at random each step
     finetune_seq_len: int = 256
     finetune_batch: int = 4
@@ -138,6 +141,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise UserError(f"reduced k must be in [1, top_k={cfg.top_k}), got {cfg.reduced_k}")
     if cfg.hook_inner_size is not None and cfg.hook_inner_size < 0:
         raise UserError(f"--hook-inner-size must be >= 0, got {cfg.hook_inner_size}")
+    if cfg.finetune_train not in cv.FINETUNE_PARTS:  # checked before minutes of loading and converting
+        raise UserError(f"--finetune-train must be one of {', '.join(cv.FINETUNE_PARTS)}, got '{cfg.finetune_train}'")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -176,22 +181,32 @@ def run_demo(cfg: DemoConfig) -> dict:
         moe = cv.convert_dense(dense, tok, convert_blocks, num_experts=cfg.experts, num_shared=cfg.shared,
                                top_k=cfg.top_k, seed=cfg.seed, progress=cfg.progress)
     calib_metrics: dict = {"router_calibration": None, "finetune": None}
+
+    def native_row(name: str, label: str) -> float:
+        r = _ppl(MoEModel(moe.eval(), tok, source="converted"), eval_blocks, "native", progress=cfg.progress,
+                 label=label)
+        rows.append({"name": name, "plan": "native", "act": r["act"],
+                     "ffn_active_pct": 100.0 * (cfg.shared + (r["act"] or 0)) / (cfg.experts + cfg.shared),
+                     "ppl": r["ppl"], "params_active": r.get("params_active")})
+        return r["ppl"]
+
+    native_free = native_calibrated = None
+    if cfg.router_steps > 0 or cfg.finetune_steps > 0:
+        with _Stage(cfg, "eval MoE native k, training-free"):
+            native_free = native_row("MoE native k, training-free", "training-free")
     if cfg.router_steps > 0:
         with _Stage(cfg, "router calibration"):
             calib_metrics["router_calibration"] = cv.calibrate_routers(moe, dense, router_blocks, steps=cfg.router_steps,
                                                  seed=cfg.seed, progress=cfg.progress)
-    native_before = None
+        if cfg.finetune_steps > 0:  # otherwise the "MoE native k" row below is this model
+            with _Stage(cfg, "eval MoE native k, routers calibrated"):
+                native_calibrated = native_row(f"MoE native k, routers calibrated ({cfg.router_steps} steps)",
+                                               "routers calibrated")
     if cfg.finetune_steps > 0:
-        mm0 = MoEModel(moe.eval(), tok, source="converted")
-        with _Stage(cfg, "eval MoE native k before fine-tune"):
-            r = _ppl(mm0, eval_blocks, "native", progress=cfg.progress, label="before fine-tune")
-        native_before = r["ppl"]
-        rows.append({"name": "MoE native k, training-free (before fine-tune)", "plan": "native", "act": r["act"],
-                     "ffn_active_pct": 100.0 * (cfg.shared + (r["act"] or 0)) / (cfg.experts + cfg.shared),
-                     "ppl": r["ppl"], "params_active": r.get("params_active")})
         with _Stage(cfg, "MoE fine-tune"):
             calib_metrics["finetune"] = cv.distill_moe(moe, dense, finetune_blocks, steps=cfg.finetune_steps,
                                                        lr=cfg.finetune_lr, batch_size=cfg.finetune_batch,
+                                                       train=cfg.finetune_train,
                                                        seed=cfg.seed, progress=cfg.progress)
     if cfg.save_moe:
         with _Stage(cfg, "save MoE"):
@@ -247,7 +262,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     result = {
         "model": cfg.model, "gguf": str(gguf), "config": {k: v for k, v in asdict(cfg).items() if k != "stage_times"},
         "rows": rows, "gap_recovered_pct": recovered, "checks": checks,
-        "conversion": _jsonable(calib_metrics), "native_ppl_before_finetune": native_before,
+        "conversion": _jsonable(calib_metrics), "native_ppl_training_free": native_free,
+        "native_ppl_routers_calibrated": native_calibrated,
         "hook": {"layers": hook_layers, "label": hook_label, "inner_size": hook_inner,
                  "params": int(res.metrics.get("hook_params", 0)), "metrics": _jsonable(res.metrics)},
         "stage_times_s": cfg.stage_times, "total_time_s": round(time.perf_counter() - t_all, 1),
@@ -301,7 +317,7 @@ def write_report(result: dict, out: Path) -> None:
     md = [f"# hookmoe demo — {result['model']}", "",
           f"CMoE conversion: {cfg['experts']} routed + {cfg['shared']} shared experts per FFN, native k = "
           f"{cfg['top_k']}, reduced k = {cfg['reduced_k']}; router calibration {cfg['router_steps']} steps; KD "
-          f"fine-tune of the MoE blocks {cfg['finetune_steps']} steps × {cfg['finetune_batch']} × "
+          f"fine-tune ({cfg.get('finetune_train', 'moe')}) {cfg['finetune_steps']} steps × {cfg['finetune_batch']} × "
           f"{cfg['finetune_seq_len']} tokens; {result['hook']['label']} ({result['hook']['params'] / 1e6:.2f} M "
           f"parameters, {cfg['hook_objective']} objective, {cfg['hook_steps']} steps). Perplexity on {cfg['eval_blocks']} × "
           f"{cfg['seq_len']} held-out tokens of `{cfg['calib_src']}` (never used for calibration or training).", "",
@@ -343,6 +359,9 @@ def register_cli(app) -> None:
                                               help="router calibration steps (0 = training-free CMoE)"),
              finetune_steps: int = typer.Option(DemoConfig.finetune_steps, "--finetune-steps",
                                                 help="KD fine-tune steps of the MoE blocks (0 = off)"),
+             finetune_train: str = typer.Option(DemoConfig.finetune_train, "--finetune-train",
+                                                help="what the KD fine-tune trains: moe (routers + experts), "
+                                                     "experts (routers frozen) or routers"),
              hook_layers: str = typer.Option(DemoConfig.hook_layers, "--hook-layers", "--hook-layer",
                                              help="all (one Hook per MoE layer) or layers: 15, 4,15, 12-14"),
              hook_inner_size: Optional[int] = typer.Option(
@@ -358,7 +377,8 @@ def register_cli(app) -> None:
         from rich.markdown import Markdown
 
         cfg = DemoConfig(model=model, out=str(out), experts=experts, shared=shared, top_k=top_k,
-                         reduced_k=reduced_k, router_steps=router_steps, finetune_steps=finetune_steps, save_moe=save_moe,
+                         reduced_k=reduced_k, router_steps=router_steps, finetune_steps=finetune_steps,
+                         finetune_train=finetune_train, save_moe=save_moe,
                          hook_layers=hook_layers, hook_inner_size=hook_inner_size,
                          hook_steps=hook_steps, eval_blocks=eval_blocks, seed=seed, progress=not no_progress)
         result = run_demo(cfg)
