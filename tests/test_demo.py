@@ -116,6 +116,7 @@ def test_convert_command_end_to_end(dense_dir, tmp_path, capsys):
     assert "6 routed + 2 shared experts per FFN, top-4" in capsys.readouterr().out
     record = json.loads((out / "cmoe.json").read_text())
     assert record["finetune"]["steps"] == 2 and record["finetune"]["hidden_weight"] == 0.5
+    assert record["finetune"]["train"] == "experts"  # the default: routers frozen (measured best)
     mm = hookmoe.load(str(out), dtype="float32", device="cpu")
     assert mm.native_top_k == 4 and len(mm.layers) == 4
     capsys.readouterr()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,6 +32,22 @@ def fail(message: str) -> None:
     """Print one error line and exit with status 2 (bad input)."""
     err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
     raise SystemExit(2)
+
+
+@contextmanager
+def progress_bars(enabled: bool):
+    """While inside: transformers' / huggingface_hub's own progress bars (weight loading, downloads) on or off
+    (``--no-progress``); the previous state is restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def write_json(obj, path: Optional[Path]) -> None:

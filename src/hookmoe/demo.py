@@ -1,7 +1,7 @@
 """``hookmoe demo``: the whole story, offline, on a real-weight model (CPU, minutes).
 
-dense SmolLM2-135M (or Gemma-3-270M) → CMoE conversion (+ optional router calibration) + KD fine-tune of
-the MoE blocks against the dense model → perplexity on held-out
+dense SmolLM2-135M (or Gemma-3-270M) → CMoE conversion → router calibration → KD fine-tune of the
+experts against the dense model → perplexity on held-out
 text for: dense, MoE at native k, MoE at reduced k (uniform and TLNLE), MoE at reduced k + a trained Hook
 → a report directory (table, JSON, plot, hook artifact).
 
@@ -376,12 +376,15 @@ def register_cli(app) -> None:
         from rich.console import Console
         from rich.markdown import Markdown
 
+        from .cli import progress_bars
+
         cfg = DemoConfig(model=model, out=str(out), experts=experts, shared=shared, top_k=top_k,
                          reduced_k=reduced_k, router_steps=router_steps, finetune_steps=finetune_steps,
                          finetune_train=finetune_train, save_moe=save_moe,
                          hook_layers=hook_layers, hook_inner_size=hook_inner_size,
                          hook_steps=hook_steps, eval_blocks=eval_blocks, seed=seed, progress=not no_progress)
-        result = run_demo(cfg)
+        with progress_bars(not no_progress):
+            result = run_demo(cfg)
         Console().print(Markdown(table_markdown(result)))
         for name, ok in result["checks"].items():
             print(f"{'PASS' if ok else 'FAIL'}  {name}")
