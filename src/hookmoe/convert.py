@@ -766,7 +766,8 @@ def distill_moe(
     device = next(cmoe_model.parameters()).device
     dense_model.eval()
     metrics: dict[str, Any] = {
-        "objective": "kl(dense || moe) on logits" + (f" + {hidden_weight} x layer-wise hidden" if hidden_weight else ""),
+        "objective": "kl(dense || moe) on logits"
+        + (f" + {hidden_weight} x layer-wise hidden" if hidden_weight else ""),
         "hidden_weight": hidden_weight,
         "train": train,
         "steps": steps,

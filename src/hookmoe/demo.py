@@ -196,8 +196,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             native_free = native_row("MoE native k, training-free", "training-free")
     if cfg.router_steps > 0:
         with _Stage(cfg, "router calibration"):
-            calib_metrics["router_calibration"] = cv.calibrate_routers(moe, dense, router_blocks, steps=cfg.router_steps,
-                                                 seed=cfg.seed, progress=cfg.progress)
+            calib_metrics["router_calibration"] = cv.calibrate_routers(
+                moe, dense, router_blocks, steps=cfg.router_steps, seed=cfg.seed, progress=cfg.progress)
         if cfg.finetune_steps > 0:  # otherwise the "MoE native k" row below is this model
             with _Stage(cfg, "eval MoE native k, routers calibrated"):
                 native_calibrated = native_row(f"MoE native k, routers calibrated ({cfg.router_steps} steps)",
