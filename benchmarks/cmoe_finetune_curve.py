@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--shared", type=int, default=2)
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--calibrate-steps", type=int, default=0, help="layer-local router calibration first (0 = off)")
+    ap.add_argument("--calibrate-target", default="gain", choices=["gain", "norm"])
+    ap.add_argument("--calibrate-mse-weight", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch", type=int, default=4)
@@ -63,6 +65,7 @@ def main() -> None:
     if args.calibrate_steps:
         router_blocks = make_blocks(tok, "builtin", 16, 512, split="train", seed=args.seed + 1)  # as the demo
         calibration = cv.calibrate_routers(moe, dense, router_blocks, steps=args.calibrate_steps, eval_blocks=held,
+                                           rank_target=args.calibrate_target, mse_weight=args.calibrate_mse_weight,
                                            seed=args.seed, progress=True)
         print(f"router calibration: {calibration['before']} -> {calibration['after']} "
               f"({calibration['train_seconds']} s)", flush=True)

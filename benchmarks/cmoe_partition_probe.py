@@ -2,11 +2,12 @@
 active neurons with a *perfect* (non-causal) router, for neuron-level selection and for expert groups
 made by several neuron-clustering features. Usage:
 
-    python benchmarks/cmoe_partition_probe.py neuron:0.75 neuron:0.5 6,2,4,top100 6,2,4,contrib 22,2,16,contrib
+    python benchmarks/cmoe_partition_probe.py neuron:0.75 neuron:0.5 6,2,4,top100 6,2,4,contrib 184,8,136,contrib,norm
 
-``E,S,K,feature``: E routed + S shared experts (shared = highest mean feature), the K routed experts
-with the largest gain ``2 y_e.R - |y_e|^2`` against the dense output run; features: ``topN`` (CMoE
-markers, N neurons per token), ``contrib`` (|h| x |W_down column|, token-normalised), ``contribn``.
+``E,S,K,feature[,select]``: E routed + S shared experts (shared = highest mean feature), the K routed
+experts with the largest gain ``2 y_e.R - |y_e|^2`` against the dense output run (``select`` = ``gain``,
+the default) or with the largest outputs ``|y_e|^2`` (``norm``); features: ``topN`` (CMoE markers, N
+neurons per token), ``contrib`` (|h| x |W_down column|, token-normalised), ``contribn``.
 ``neuron:F``: every token keeps its top fraction F of neurons by |h| (no experts).
 Text: gensim's Wikipedia sample, 8 x 512 calibration / 8 x 512 held-out tokens.
 """
@@ -37,12 +38,12 @@ for h in hs: h.remove()
 H = [torch.cat(h)[::2] for h in H]  # 2048 tokens
 print("profiled", H[0].shape, flush=True)
 orig = [L.mlp.forward for L in layers]
-def set_oracle(parts, shared, K):
+def set_oracle(parts, shared, K, select="gain"):
     for i, L in enumerate(layers):
         mlp = L.mlp
         g = parts[i]  # [E, size] neuron ids
         sh = shared[i]
-        def fwd(self, x, g=g, sh=sh, K=K):
+        def fwd(self, x, g=g, sh=sh, K=K, select=select):
             h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
             full = self.down_proj(h)
             shp = x.shape
@@ -50,7 +51,10 @@ def set_oracle(parts, shared, K):
             ys = torch.einsum("nei,hei->neh", hf[:, g], self.down_proj.weight[:, g])  # [N,E,H]
             shared_out = hf[:, sh] @ self.down_proj.weight[:, sh].T if len(sh) else 0
             R = full.reshape(-1, full.shape[-1]) - shared_out
-            gain = 2 * (ys * R[:, None]).sum(-1) - (ys * ys).sum(-1)
+            if select == "norm":  # drop the experts with the smallest outputs
+                gain = (ys * ys).sum(-1)
+            else:
+                gain = 2 * (ys * R[:, None]).sum(-1) - (ys * ys).sum(-1)
             idx = gain.topk(K, dim=-1).indices
             out = ys.gather(1, idx[:, :, None].expand(-1, -1, ys.shape[-1])).sum(1) + shared_out
             return out.reshape(shp[:-1] + (out.shape[-1],))
@@ -86,9 +90,10 @@ for arg in sys.argv[1:]:
         set_neuron_oracle(float(arg[7:]))
         print(f"{arg}: per-token top neurons by |h|, ppl {P.perplexity(m, held):.3f}", flush=True)
         continue
-    E, S, K, feat = arg.split(","); E, S, K = int(E), int(S), int(K)
+    E, S, K, feat, *sel = arg.split(","); E, S, K = int(E), int(S), int(K)
+    select = sel[0] if sel else "gain"
     t = time.time()
     parts, shared = zip(*[partition(i, E, S, feat) for i in range(len(layers))])
     tc = time.time() - t
-    set_oracle(parts, shared, K)
-    print(f"E{E}S{S}K{K} {feat}: oracle ppl {P.perplexity(m, held):.3f} (cluster {tc:.1f}s)", flush=True)
+    set_oracle(parts, shared, K, select)
+    print(f"E{E}S{S}K{K} {feat} {select}: oracle ppl {P.perplexity(m, held):.3f} (cluster {tc:.1f}s)", flush=True)

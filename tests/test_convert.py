@@ -210,6 +210,35 @@ def test_eager_experts_skip_sentinel(converted):
         moe.set_experts_implementation("grouped_mm")
 
 
+def test_fine_grained_experts_take_the_masked_path_with_equal_outputs_and_gradients():
+    """Many small experts (30 + 2 of 4 neurons) run as one masked product under the built-in
+    implementations: same outputs and gradients as the per-expert loop, sentinel slots dropped,
+    every expert on = the dense model."""
+    dense = tiny_dense("llama", seed=4)
+    moe = convert_dense(dense, None, blocks(4, 16, 2), num_experts=30, num_shared=2, top_k=24, progress=False)
+    experts = moe.model.layers[1].mlp.experts
+    assert experts.uses_masked_path(24) and not experts.uses_masked_path(6)
+    x = torch.randn(40, 64, requires_grad=True)
+    index = torch.stack([torch.randperm(30, generator=torch.Generator().manual_seed(i))[:24] for i in range(40)])
+    index[:5, -1] = 30  # dropped slots (sentinel)
+    weights = torch.rand(40, 24, requires_grad=True)
+    params = [x, weights, experts.gate_up_proj, experts.down_proj]
+    masked = experts(x, index, weights)
+    looped = experts.loop_forward(x, index, weights)
+    assert rel_err(masked.detach(), looped.detach()) < 1e-5
+    g_masked = torch.autograd.grad(masked.square().sum(), params)
+    g_looped = torch.autograd.grad(looped.square().sum(), params)
+    for a, b in zip(g_masked, g_looped):
+        assert rel_err(a, b) < 1e-4
+    moe.set_top_k(30)
+    ids = blocks(2, 12, 5)
+    with torch.no_grad():
+        assert rel_err(moe(ids).logits, dense(ids).logits) < 1e-4
+    moe.set_top_k(24)
+    with torch.no_grad():
+        assert rel_err(moe(ids).logits, dense(ids).logits) > 1e-3
+
+
 # (d) generation ---------------------------------------------------------------------------------------
 def test_generate(converted):
     _, dense, moe = converted
@@ -299,6 +328,29 @@ def test_router_calibration_lowers_heldout_kl():
             assert torch.equal(p, weights0[n]), n
     assert moe.cmoe_info["router_calibration"]["after"]["kl"] == after
     assert heldout_kl(moe, dense, held)["kl"] == pytest.approx(after, rel=1e-5)
+
+
+def test_router_calibration_norm_target_ranks_by_expert_output_norm():
+    """rank_target="norm": the targets are |y_e|^2 of each expert alone; calibrating towards them (ranking loss
+    only, a fine-grained shape) lowers the held-out KL; unknown targets are refused."""
+    from hookmoe.convert import _expert_gains
+
+    dense = tiny_dense("llama", seed=5, initializer_range=0.08)
+    calib, held = blocks(32, 32, 21), blocks(8, 32, 22)
+    moe = convert_dense(dense, None, calib, num_experts=30, num_shared=2, top_k=16, progress=False)
+    block = moe.model.layers[0].mlp
+    x = torch.randn(5, 64)
+    all_on = torch.arange(30).expand(5, 30)
+    manual = torch.stack([block.experts.loop_forward(x, all_on[:, e:e + 1], torch.ones(5, 1)).square().sum(-1)
+                          for e in range(30)], dim=1)
+    got = _expert_gains(block, x, torch.zeros(5, 64), "norm")
+    assert torch.allclose(got, manual, rtol=1e-4, atol=1e-6)
+    metrics = calibrate_routers(moe, dense, calib, steps=50, lr=1e-2, mse_weight=0.0, rank_target="norm",
+                                tokens_per_step=256, eval_blocks=held, progress=False)
+    assert metrics["rank_target"] == "norm"
+    assert metrics["after"]["kl"] < 0.9 * metrics["before"]["kl"], metrics
+    with pytest.raises(ValueError, match="rank_target must be one of gain, norm"):
+        calibrate_routers(moe, dense, calib, steps=1, rank_target="size", progress=False)
 
 
 @pytest.mark.parametrize("objective", ["kl", "both"])

@@ -78,6 +78,23 @@ def test_demo_rejects_unknown_models_and_bad_k(tmp_path):
         run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), hook_inner_size=-1))
     with pytest.raises(UserError, match="finetune-train must be one of moe, experts, routers"):
         run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), finetune_train="attention"))
+    with pytest.raises(UserError, match="--hook-steps must be >= 1, got 0"):
+        run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), hook_steps=0))
+    with pytest.raises(UserError, match="--eval-blocks must be >= 1, got 0"):
+        run_demo(DemoConfig(model="gemma3-270m", out=str(tmp_path / "o"), eval_blocks=0))
+
+
+def test_demo_budgets_default_per_model_and_explicit_values_win():
+    from hookmoe.demo import MODEL_BUDGETS, resolve_budgets
+
+    smol = resolve_budgets(DemoConfig(model="smollm2"))
+    gemma = resolve_budgets(DemoConfig(model="gemma3-270m"))
+    assert (smol.finetune_steps, smol.hook_steps, smol.eval_blocks) == (45, 90, 16)
+    assert (gemma.finetune_steps, gemma.hook_steps, gemma.eval_blocks) == (0, 40, 4)
+    other = resolve_budgets(DemoConfig(model="/some/dense.gguf"))
+    assert {k: getattr(other, k) for k in MODEL_BUDGETS["smollm2"]} == MODEL_BUDGETS["smollm2"]
+    mine = resolve_budgets(DemoConfig(model="gemma3-270m", finetune_steps=20, hook_steps=10))
+    assert (mine.finetune_steps, mine.hook_steps, mine.eval_blocks) == (20, 10, 4)
 
 
 def test_demo_refuses_a_bad_hook_layer_before_converting(dense_dir, tmp_path):
@@ -124,3 +141,7 @@ def test_convert_command_end_to_end(dense_dir, tmp_path, capsys):
         main(argv[:3] + ["5"] + argv[4:])  # 5 + 2 experts do not divide the 128-neuron FFN
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error:") and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:  # refused before loading anything
+        main(argv + ["--calibrate-steps", "1", "--calibrate-target", "size"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--calibrate-target must be one of gain, norm" in err

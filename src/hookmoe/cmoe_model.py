@@ -53,6 +53,11 @@ __all__ = [
 ]
 
 CMOE_MODEL_TYPE = "hookmoe_cmoe"
+# CMoEExperts.masked_forward is used when E >= MASKED_MIN_EXPERTS and k >= E / MASKED_MIN_SHARE_INV
+# under one of transformers' built-in experts implementations
+MASKED_MIN_EXPERTS = 16
+MASKED_MIN_SHARE_INV = 4
+MASKED_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 
 def dense_activation_name(text_config) -> str:
@@ -174,8 +179,9 @@ class CMoERouter(nn.Module):
 
 
 @use_experts_implementation
-class CMoEExperts(nn.Module):
-    """The routed experts, stored like transformers' MixtralExperts (3-D tensors, [gate; up] rows)."""
+class _CMoEExpertsBase(nn.Module):
+    """The routed experts, stored like transformers' MixtralExperts (3-D tensors, [gate; up] rows);
+    ``forward`` dispatches on ``config._experts_implementation`` (``eager`` = :meth:`loop_forward`)."""
 
     def __init__(self, config: HookmoeCMoEConfig):
         super().__init__()
@@ -189,7 +195,13 @@ class CMoEExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Eager path: loop over the experts that received tokens; a sentinel index == num_experts is skipped."""
+        return self.loop_forward(hidden_states, top_k_index, top_k_weights)
+
+    def loop_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """One product per expert that received tokens, on its tokens only; a sentinel index ==
+        num_experts (a dropped slot) is skipped."""
         out = torch.zeros_like(hidden_states)
         flat_index = top_k_index.reshape(-1)
         flat_weights = top_k_weights.reshape(-1)
@@ -207,6 +219,42 @@ class CMoEExperts(nn.Module):
             y = y * flat_weights[slots, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
+
+    def masked_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Every routed neuron in two GEMMs, unselected experts multiplied by an exact 0: the outputs
+        (and gradients) of the selected experts only, without a per-expert loop. A sentinel index ==
+        num_experts (a dropped slot) contributes nothing."""
+        n = hidden_states.shape[0]
+        e_num, inter = self.num_experts, self.intermediate_dim
+        mask = torch.zeros(n, e_num + 1, dtype=top_k_weights.dtype, device=hidden_states.device)
+        mask = mask.scatter(1, top_k_index, top_k_weights)[:, :e_num]
+        gate_up = linear(hidden_states, self.gate_up_proj.reshape(e_num * 2 * inter, self.hidden_dim))
+        gate, up = gate_up.view(n, e_num, 2 * inter).split(inter, dim=-1)
+        h = self.act_fn(gate) * up * mask.to(gate_up.dtype)[:, :, None]
+        down = self.down_proj.permute(1, 0, 2).reshape(self.hidden_dim, e_num * inter)
+        return linear(h.reshape(n, e_num * inter), down).to(hidden_states.dtype)
+
+
+class CMoEExperts(_CMoEExpertsBase):
+    """The routed experts. Fine-grained shapes (``E >= MASKED_MIN_EXPERTS`` experts of which at least
+    ``1 / MASKED_MIN_SHARE_INV`` are active) run :meth:`masked_forward` under transformers' built-in
+    implementations: a loop or grouped GEMM over ~100+ tiny experts costs far more (measured: ~10x on
+    SmolLM2 carved into 184 + 8 experts of 8 neurons) than the multiply-adds of the unselected ones.
+    Other implementations (``hookmoe``'s runtime) are used as selected."""
+
+    def uses_masked_path(self, top_k: int) -> bool:
+        impl = getattr(getattr(self, "config", None), "_experts_implementation", None) or "eager"
+        return (impl in MASKED_IMPLEMENTATIONS and self.num_experts >= MASKED_MIN_EXPERTS
+                and top_k * MASKED_MIN_SHARE_INV >= self.num_experts)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if self.uses_masked_path(top_k_index.shape[-1]):
+            return self.masked_forward(hidden_states, top_k_index, top_k_weights)
+        return super().forward(hidden_states, top_k_index, top_k_weights)
 
 
 class CMoESharedMLP(nn.Module):

