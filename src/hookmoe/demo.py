@@ -74,7 +74,7 @@ class DemoConfig:
 # Budgets that keep the demo within 15 minutes on 2 CPU cores, per offline model (any other model gets
 # SmolLM2's). SmolLM2-135M: 13 min 42 s (benchmarks/results/demo_smollm2/). Gemma-3-270M's 262k-token vocabulary
 # makes every step ~2x dearer: the fine-tune is off (20 steps after router calibration made its native k worse,
-# 28.03 -> 36.66) and the Hooks get 40 steps: 13 min 31 s, Hooks recover 47.8 % (benchmarks/results/demo_gemma3/).
+# 28.03 -> 36.66) and the Hooks get 40 steps: 14 min 06 s, Hooks recover 47.8 % (benchmarks/results/demo_gemma3/).
 MODEL_BUDGETS = {
     "smollm2": {"finetune_steps": 45, "hook_steps": 90, "eval_blocks": 16},
     "gemma3-270m": {"finetune_steps": 0, "hook_steps": 40, "eval_blocks": 4},
