@@ -349,8 +349,18 @@ def test_router_calibration_norm_target_ranks_by_expert_output_norm():
                                 tokens_per_step=256, eval_blocks=held, progress=False)
     assert metrics["rank_target"] == "norm"
     assert metrics["after"]["kl"] < 0.9 * metrics["before"]["kl"], metrics
-    with pytest.raises(ValueError, match="rank_target must be one of gain, norm"):
+    with pytest.raises(ValueError, match="rank_target must be auto or one of gain, norm"):
         calibrate_routers(moe, dense, calib, steps=1, rank_target="size", progress=False)
+    # auto picks per shape: norm + ranking loss only for many experts, gain + MSE term for few
+    from hookmoe.convert import resolve_calibration_target
+
+    assert resolve_calibration_target(30) == ("norm", 0.0)
+    assert resolve_calibration_target(6) == ("gain", 1.0)
+    assert resolve_calibration_target(30, "gain", 0.5) == ("gain", 0.5)
+    with pytest.raises(ValueError, match="mse_weight must be >= 0"):
+        resolve_calibration_target(6, "auto", -1.0)
+    auto = calibrate_routers(moe, dense, calib, steps=1, tokens_per_step=64, progress=False)
+    assert (auto["rank_target"], auto["mse_weight"]) == ("norm", 0.0)
 
 
 @pytest.mark.parametrize("objective", ["kl", "both"])

@@ -144,4 +144,4 @@ def test_convert_command_end_to_end(dense_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # refused before loading anything
         main(argv + ["--calibrate-steps", "1", "--calibrate-target", "size"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--calibrate-target must be one of gain, norm" in err
+    assert e.value.code == 2 and "--calibrate-target must be auto, gain or norm" in err

@@ -512,6 +512,24 @@ def _finish_metrics(metrics: dict, losses: list[float], cmoe_model, dense_model,
 
 
 RANK_TARGETS = ("gain", "norm")
+FINE_GRAINED_MIN_EXPERTS = 16  # from this many routed experts on, "auto" router calibration ranks by norm
+
+
+def resolve_calibration_target(num_experts: int, rank_target: str = "auto",
+                               mse_weight: float | None = None) -> tuple[str, float]:
+    """``("auto", None)`` -> the measured best for the shape. Coarse experts (E < 16): ``("gain", 1.0)``.
+    Fine-grained (E >= 16): ``("norm", 0.0)`` -- SmolLM2 at E184 S8 K136, 60 steps, held-out ppl 32.6 for norm with
+    the ranking loss only vs 44.1 gain ranking-only and 103.4 gain + MSE term (from 63.7 training-free); at
+    E6 S2 K4 gain + MSE 36.4, norm + MSE 37.2 (benchmarks/results/cmoe_probe.log)."""
+    fine = num_experts >= FINE_GRAINED_MIN_EXPERTS
+    target = ("norm" if fine else "gain") if rank_target == "auto" else rank_target
+    if target not in RANK_TARGETS:
+        raise ValueError(f"rank_target must be auto or one of {', '.join(RANK_TARGETS)}, got {rank_target!r}")
+    if mse_weight is None:
+        mse_weight = 0.0 if fine else 1.0
+    if mse_weight < 0:
+        raise ValueError(f"mse_weight must be >= 0, got {mse_weight}")
+    return target, float(mse_weight)
 
 
 @torch.no_grad()
@@ -604,9 +622,9 @@ def calibrate_routers(
     batch_size: int = 4,
     tokens_per_step: int = 1024,
     rank_weight: float = 1.0,
-    mse_weight: float = 1.0,
+    mse_weight: float | None = None,
     refresh_every: int | None = None,
-    rank_target: str = "gain",
+    rank_target: str = "auto",
     eval_blocks: torch.LongTensor | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -623,7 +641,9 @@ def calibrate_routers(
         routed output (straight-through weights; this term also trains the per-expert scales and
         costs an experts forward per step). No backward through attention: steps are cheap.
         ``rank_target="norm"`` ranks the experts by output norm instead of gain (better for fine-grained
-        shapes; see ``_expert_gains``).
+        shapes; see ``_expert_gains``). ``rank_target="auto"`` and ``mse_weight=None`` (the defaults)
+        pick per shape: gain with the MSE term (weight 1) below 16 routed experts, norm with the ranking
+        loss only from 16 on (:func:`resolve_calibration_target`).
         ``refresh_every`` re-records the inputs with the current routers (on-policy).
       * ``"kl"``   KL(dense logits || MoE logits) through the whole network on ``batch_size`` blocks
         per step; the routers get gradient only through the straight-through weights.
@@ -636,8 +656,8 @@ def calibrate_routers(
         raise ValueError(f"objective must be 'mlp', 'kl' or 'both', got {objective!r}")
     if steps < 0:
         raise ValueError("steps must be >= 0")
-    if rank_target not in RANK_TARGETS:
-        raise ValueError(f"rank_target must be one of {', '.join(RANK_TARGETS)}, got {rank_target!r}")
+    rank_target, mse_weight = resolve_calibration_target(cmoe_model.moe_blocks()[0].gate.num_experts,
+                                                         rank_target, mse_weight)
     blocks = calib_blocks.long()
     device = next(cmoe_model.parameters()).device
     dense_layers = _decoder_layers(dense_model)
@@ -874,12 +894,13 @@ def register_cli(app) -> None:
                 calibrate_steps: int = typer.Option(0, "--calibrate-steps",
                                                     help="router calibration steps against the dense model (0 = off)"),
                 calibrate_target: str = typer.Option(
-                    "gain", "--calibrate-target",
-                    help="experts the router learns to pick: gain (best fit to the dense FFN) or norm (largest "
-                         "outputs; better for many small experts)"),
-                calibrate_mse_weight: float = typer.Option(
-                    1.0, "--calibrate-mse-weight",
-                    help="weight of the routed-output MSE term in router calibration (0 = ranking loss only)"),
+                    "auto", "--calibrate-target",
+                    help="experts the router learns to pick: gain (best fit to the dense FFN), norm (largest "
+                         "outputs; better for many small experts) or auto (norm from 16 routed experts on)"),
+                calibrate_mse_weight: Optional[float] = typer.Option(
+                    None, "--calibrate-mse-weight",
+                    help="weight of the routed-output MSE term in router calibration (0 = ranking loss only; "
+                         "default: 1 below 16 routed experts, 0 from 16 on)"),
                 finetune_steps: int = typer.Option(0, "--finetune-steps",
                                                    help="KD fine-tune steps of the MoE blocks against the dense model "
                                                         "(0 = off; experts then no longer sum to the dense FFN)"),
@@ -901,9 +922,9 @@ def register_cli(app) -> None:
         from .errors import UserError
         from .models import load_causal_lm
 
-        if calibrate_target not in RANK_TARGETS:  # refused before minutes of loading and converting
-            raise UserError(f"--calibrate-target must be one of {', '.join(RANK_TARGETS)}, got '{calibrate_target}'")
-        if calibrate_mse_weight < 0:
+        if calibrate_target not in ("auto",) + RANK_TARGETS:  # refused before minutes of loading and converting
+            raise UserError(f"--calibrate-target must be auto, {' or '.join(RANK_TARGETS)}; got '{calibrate_target}'")
+        if calibrate_mse_weight is not None and calibrate_mse_weight < 0:
             raise UserError(f"--calibrate-mse-weight must be >= 0, got {calibrate_mse_weight}")
         with progress_bars(not no_progress):  # transformers' loading bars too
             dense, tok = load_causal_lm(dense_model, dtype="float32", device="cpu")
