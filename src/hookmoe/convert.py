@@ -518,9 +518,9 @@ FINE_GRAINED_MIN_EXPERTS = 16  # from this many routed experts on, "auto" router
 def resolve_calibration_target(num_experts: int, rank_target: str = "auto",
                                mse_weight: float | None = None) -> tuple[str, float]:
     """``("auto", None)`` -> the measured best for the shape. Coarse experts (E < 16): ``("gain", 1.0)``.
-    Fine-grained (E >= 16): ``("norm", 0.0)`` -- SmolLM2 at E184 S8 K136, 60 steps, held-out ppl 32.6 for norm with
-    the ranking loss only vs 44.1 gain ranking-only and 103.4 gain + MSE term (from 63.7 training-free); at
-    E6 S2 K4 gain + MSE 36.4, norm + MSE 37.2 (benchmarks/results/cmoe_probe.log)."""
+    Fine-grained (E >= 16): ``("norm", 0.0)``. SmolLM2 at E184 S8 K136, 60 steps, held-out ppl on 8 blocks
+    (training-free 49.7): norm ranking-only 32.6, gain ranking-only 44.1; on 16 blocks (training-free 63.7): gain +
+    MSE 103.4, norm + MSE 72.6. E6 S2 K4 (8 blocks): gain + MSE 36.4, norm + MSE 37.2 (results/cmoe_probe.log)."""
     fine = num_experts >= FINE_GRAINED_MIN_EXPERTS
     target = ("norm" if fine else "gain") if rank_target == "auto" else rank_target
     if target not in RANK_TARGETS:
