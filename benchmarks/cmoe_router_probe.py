@@ -26,13 +26,14 @@ from torch import nn
 
 
 def install_norm_oracle(moe) -> None:
-    """Every router returns the top-k experts by |y_e|^2, computed from the experts themselves."""
+    """Every router returns the top-k experts by |y_e|^2, computed from the experts themselves (the
+    calibration target ``convert._expert_gains(..., "norm")``)."""
+    from hookmoe.convert import _expert_gains
+
     for block in moe.moe_blocks():
-        def forward(self, x, experts=block.experts):
+        def forward(self, x, block=block):
             x = x.reshape(-1, x.shape[-1])
-            gate, up = torch.einsum("nh,eih->nei", x, experts.gate_up_proj).chunk(2, dim=-1)
-            y = torch.einsum("nei,ehi->neh", experts.act_fn(gate) * up, experts.down_proj)
-            scores = (y * y).sum(-1)
+            scores = _expert_gains(block, x, None, "norm")
             index = scores.topk(self.top_k, dim=-1).indices
             return scores, torch.ones(index.shape, dtype=x.dtype), index
 

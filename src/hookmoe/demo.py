@@ -201,14 +201,20 @@ def run_demo(cfg: DemoConfig) -> dict:
         moe = cv.convert_dense(dense, tok, convert_blocks, num_experts=cfg.experts, num_shared=cfg.shared,
                                top_k=cfg.top_k, seed=cfg.seed, progress=cfg.progress)
     calib_metrics: dict = {"router_calibration": None, "finetune": None}
+    per_neuron_pct = 100.0 / (cfg.experts + cfg.shared)
 
-    def native_row(name: str, label: str) -> float:
-        r = _ppl(MoEModel(moe.eval(), tok, source="converted"), eval_blocks, "native", progress=cfg.progress,
-                 label=label)
-        rows.append({"name": name, "plan": "native", "act": r["act"],
-                     "ffn_active_pct": 100.0 * (cfg.shared + (r["act"] or 0)) / (cfg.experts + cfg.shared),
+    def ffn_pct(act: float | None) -> float | None:
+        return None if act is None else round(per_neuron_pct * (cfg.shared + act), 1)
+
+    def add_row(name: str, plan: str, r: dict) -> float:
+        """One MoE table row from a ``_ppl`` result; returns its perplexity."""
+        rows.append({"name": name, "plan": plan, "act": r["act"], "ffn_active_pct": ffn_pct(r["act"]),
                      "ppl": r["ppl"], "params_active": r.get("params_active")})
         return r["ppl"]
+
+    def native_row(name: str, label: str) -> float:
+        mm0 = MoEModel(moe.eval(), tok, source="converted")
+        return add_row(name, "native", _ppl(mm0, eval_blocks, "native", progress=cfg.progress, label=label))
 
     native_free = native_calibrated = None
     if cfg.router_steps > 0 or cfg.finetune_steps > 0:
@@ -232,19 +238,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         with _Stage(cfg, "save MoE"):
             cv.save_converted(moe, tok, out / "moe")
     mm = MoEModel(moe.eval(), tok, source=f"{cfg.model} (CMoE E{cfg.experts} S{cfg.shared} K{cfg.top_k})")
-    per_neuron_pct = 100.0 / (cfg.experts + cfg.shared)
-
-    def ffn_pct(act: float | None) -> float | None:
-        return None if act is None else round(per_neuron_pct * (cfg.shared + act), 1)
 
     reduced = f"topk:{cfg.reduced_k}"
     tlnle = f"tlnle:k={cfg.reduced_k + 1},l={tlnle_l}"
     with _Stage(cfg, "eval MoE plans"):
         for name, plan in [("MoE native k", "native"), ("MoE reduced k (uniform)", reduced),
                            ("MoE reduced k (TLNLE)", tlnle)]:
-            r = _ppl(mm, eval_blocks, plan, progress=cfg.progress, label=name)
-            rows.append({"name": name, "plan": plan, "act": r["act"], "ffn_active_pct": ffn_pct(r["act"]),
-                         "ppl": r["ppl"], "params_active": r.get("params_active")})
+            add_row(name, plan, _ppl(mm, eval_blocks, plan, progress=cfg.progress, label=name))
 
     hook_layers = parse_layers(hook_spec, mm)
     hook_label = (f"Hooks@all {len(hook_layers)} layers" if hook_layers == mm.moe_layer_indices and len(hook_layers) > 1
@@ -258,12 +258,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                          out_dir=str(hook_dir), progress=cfg.progress, seed=cfg.seed,
                          eval_every=max(1, cfg.hook_steps // 4))
     with _Stage(cfg, "eval hook"):
-        r = _ppl(mm, eval_blocks, reduced, progress=cfg.progress, label="reduced + Hook")
-        rows.append({"name": f"MoE reduced k + {hook_label}", "plan": reduced, "act": r["act"],
-                     "ffn_active_pct": ffn_pct(r["act"]), "ppl": r["ppl"], "params_active": r.get("params_active")})
-        r = _ppl(mm, eval_blocks, tlnle, progress=cfg.progress, label="TLNLE + Hook")
-        rows.append({"name": f"MoE TLNLE + {hook_label}", "plan": tlnle, "act": r["act"],
-                     "ffn_active_pct": ffn_pct(r["act"]), "ppl": r["ppl"], "params_active": r.get("params_active")})
+        add_row(f"MoE reduced k + {hook_label}", reduced,
+                _ppl(mm, eval_blocks, reduced, progress=cfg.progress, label="reduced + Hook"))
+        add_row(f"MoE TLNLE + {hook_label}", tlnle, _ppl(mm, eval_blocks, tlnle, progress=cfg.progress,
+                                                          label="TLNLE + Hook"))
 
     by = {row["name"]: row for row in rows}
     native_ppl = by["MoE native k"]["ppl"]
