@@ -16,7 +16,7 @@ ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olm
 @pytest.fixture(scope="session")
 def tiny_models():
     """Loaded tiny models, shared across tests (tests must leave them un-patched)."""
-    from hookmoe.models import load
+    from hookmoe.hook import load
 
     cache = {}
 

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from hookmoe import bench as B
-from hookmoe import runtime as R
+import hookmoe.speed as B
+from hookmoe.speed import runtime as R
+from hookmoe.errors import RuntimeOptionError
 from hookmoe.cli import main
 
 
@@ -86,7 +87,7 @@ def test_hook_overhead_and_dynamic_vs_static_sections(tmp_path, capsys):
 
 def test_trained_hook_directory_is_benchmarked(tmp_path, capsys):
     from hookmoe.hook import insert_hooks, remove_hooks
-    from hookmoe.models import load
+    from hookmoe.hook import load
 
     mm = load("tiny:mixtral", device="cpu")
     hs = insert_hooks(mm, [1], init="paper")

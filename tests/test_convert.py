@@ -22,9 +22,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-import hookmoe.cmoe_model as cmoe_model  # noqa: F401  (registers the model type)
-from hookmoe.cmoe_model import CMoESparseBlock, HookmoeCMoEForCausalLM
-from hookmoe.convert import (
+import hookmoe.models.cmoe as cmoe_model  # noqa: F401  (registers the model type)
+from hookmoe.models.cmoe import CMoESparseBlock, HookmoeCMoEForCausalLM
+from hookmoe.cmoe import (
     calibrate_routers,
     convert_dense,
     default_activation_topk,
@@ -333,7 +333,7 @@ def test_router_calibration_lowers_heldout_kl():
 def test_router_calibration_norm_target_ranks_by_expert_output_norm():
     """rank_target="norm": the targets are |y_e|^2 of each expert alone; calibrating towards them (ranking loss
     only, a fine-grained shape) lowers the held-out KL; unknown targets are refused."""
-    from hookmoe.convert import _expert_gains
+    from hookmoe.cmoe.calibrate import _expert_gains
 
     dense = tiny_dense("llama", seed=5, initializer_range=0.08)
     calib, held = blocks(32, 32, 21), blocks(8, 32, 22)
@@ -352,7 +352,7 @@ def test_router_calibration_norm_target_ranks_by_expert_output_norm():
     with pytest.raises(ValueError, match="rank_target must be auto or one of gain, norm"):
         calibrate_routers(moe, dense, calib, steps=1, rank_target="size", progress=False)
     # auto picks per shape: norm + ranking loss only for many experts, gain + MSE term for few
-    from hookmoe.convert import resolve_calibration_target
+    from hookmoe.cmoe import resolve_calibration_target
 
     assert resolve_calibration_target(30) == ("norm", 0.0)
     assert resolve_calibration_target(6) == ("gain", 1.0)
@@ -403,7 +403,7 @@ def test_distill_moe_lowers_heldout_kl_and_trains_only_its_part(train):
 
 
 def test_distill_moe_layerwise_hidden_loss_and_eval_curve():
-    from hookmoe.convert import _hidden_distance
+    from hookmoe.cmoe.distill import _hidden_distance
 
     dense = tiny_dense("llama", seed=5, initializer_range=0.08)
     calib = blocks(16, 32, 21)
@@ -434,7 +434,7 @@ def test_distill_moe_layerwise_hidden_loss_and_eval_curve():
 
 
 def test_distill_moe_lr_schedule_warms_up_then_decays():
-    from hookmoe.convert import _warmup_cosine
+    from hookmoe.cmoe.distill import _warmup_cosine
 
     f = [_warmup_cosine(s, 45) for s in range(45)]
     assert f[0] == pytest.approx(0.25) and f[3] == pytest.approx(1.0) and f[4] == pytest.approx(1.0)  # 4 warm-up steps

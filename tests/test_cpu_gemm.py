@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hookmoe import cpu_gemm, runtime
-from hookmoe.models import load
+from hookmoe.speed import cpu_gemm, runtime
+from hookmoe.hook import load
 
 pytestmark = pytest.mark.skipif(not cpu_gemm._onednn_available(torch.float32), reason="torch built without oneDNN")
 
@@ -230,7 +230,7 @@ def test_runtime_prompt_path_per_expert_onednn(force_onednn, monkeypatch):
 def test_runtime_on_converted_models(force_onednn, monkeypatch, arch):
     """CMoE models (nested text config; Gemma-3's sliding-window layers fall back to SDPA) through the oneDNN
     runtime: reference logits, attention setting restored."""
-    from hookmoe.convert import convert_dense
+    from hookmoe.cmoe import convert_dense
     from hookmoe.models import MoEModel
     from test_convert import E, K, S, blocks, tiny_dense
 

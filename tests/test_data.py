@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hookmoe import data as D
-from hookmoe.data import DataError, MCItem
+import hookmoe.data as D
+from hookmoe.data import blocks as D_blocks, builtin as D_builtin, sources as D_sources, splits as D_splits
+from hookmoe.data import MCItem
+from hookmoe.errors import DataError
 
-HAS_GENSIM_DATA = D._gensim_data_dir() is not None and (D._gensim_data_dir() / D._GENSIM_WIKI).is_file()
+HAS_GENSIM_DATA = D_builtin._gensim_data_dir() is not None and (D_builtin._gensim_data_dir() / D_builtin._GENSIM_WIKI).is_file()
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma omega".split()
 
 
@@ -115,18 +117,18 @@ def test_builtin_is_deterministic_across_processes():
 
 def test_docstring_corpus_ignores_methods_patched_in_by_libraries(monkeypatch):
     """transformers adds Logger.warning_once; the corpus must not depend on whether it was imported."""
-    before = D._stdlib_docstrings()
+    before = D_builtin._stdlib_docstrings()
 
     def patched_in(self):
         pass
 
     patched_in.__doc__ = "A method another library patched into logging.Logger at import time. " * 5
     monkeypatch.setattr(logging.Logger, "patched_in", patched_in, raising=False)
-    D._stdlib_docstrings.cache_clear()
+    D_builtin._stdlib_docstrings.cache_clear()
     try:
-        assert D._stdlib_docstrings() == before
+        assert D_builtin._stdlib_docstrings() == before
     finally:
-        D._stdlib_docstrings.cache_clear()
+        D_builtin._stdlib_docstrings.cache_clear()
 
 
 def test_data_error_is_a_user_error():
@@ -151,7 +153,7 @@ def test_builtin_wiki_is_clean_prose():
 
 
 def test_builtin_without_gensim(monkeypatch):
-    monkeypatch.setattr(D, "_gensim_data_dir", lambda: None)
+    monkeypatch.setattr(D_builtin, "_gensim_data_dir", lambda: None)
     with pytest.raises(DataError, match="gensim"):
         D.load_documents("builtin:wiki")
     assert D.load_documents("builtin") == D.load_documents("builtin:pydoc")
@@ -210,8 +212,8 @@ def test_make_blocks_train_and_heldout_share_no_document(byt5, corpus_txt):
 
 def test_streamed_split_rule():
     texts = [f"page {i}" for i in range(3000)]
-    held = [t for t in texts if D._in_streamed_split(t, "heldout", 0.1)]
-    train = [t for t in texts if D._in_streamed_split(t, "train", 0.1)]
+    held = [t for t in texts if D_splits._in_streamed_split(t, "heldout", 0.1)]
+    train = [t for t in texts if D_splits._in_streamed_split(t, "train", 0.1)]
     assert 0.07 < len(held) / len(texts) < 0.13
     assert not set(held) & set(train) and len(held) + len(train) == len(texts)
 
@@ -269,20 +271,20 @@ def test_make_blocks_tokenises_only_what_it_needs(byt5, tmp_path, monkeypatch):
     path = tmp_path / "big.txt"
     path.write_text("\n\n".join(_doc(i % 1000) + f" {i}" for i in range(3000)), encoding="utf-8")
     seen = []
-    original = D._tokenize_stream
+    original = D_blocks._tokenize_stream
 
     def spy(tokenizer, documents, target, progress=None):
         stream = original(tokenizer, documents, target, progress)
         seen.append((target, len(stream)))
         return stream
 
-    monkeypatch.setattr(D, "_tokenize_stream", spy)
+    monkeypatch.setattr(D_blocks, "_tokenize_stream", spy)
     D.make_blocks(byt5, str(path), 4, 64, cache_dir=False)
     target, tokens = seen[0]
     assert target == D.TOKEN_OVERSAMPLE * 4 * 64
     assert target <= tokens < 2 * target  # the file holds ~700k tokens
     # Documents are visited in a seeded order, so the few that get tokenised come from all over the file.
-    monkeypatch.setattr(D, "_tokenize_stream", original)
+    monkeypatch.setattr(D_blocks, "_tokenize_stream", original)
     first = _markers(byt5, D.make_blocks(byt5, str(path), 8, 64, seed=0, cache_dir=False))
     second = _markers(byt5, D.make_blocks(byt5, str(path), 8, 64, seed=1, cache_dir=False))
     assert max(first) > 100 and max(second) > 100
@@ -508,7 +510,7 @@ def test_c4_streams_and_respects_max_docs(fake_hub):
 
 
 def test_streamed_source_without_max_docs_stops(fake_hub, monkeypatch):
-    monkeypatch.setattr(D, "MAX_STREAMED_DOCS", 12)
+    monkeypatch.setattr(D_sources, "MAX_STREAMED_DOCS", 12)
     with pytest.warns(UserWarning, match="first 12 documents"):
         assert len(D.load_documents("c4")) == 12
 
@@ -522,13 +524,13 @@ def test_make_blocks_from_an_endless_stream(byt5, fake_hub):
     numbers = re.findall(r"Web page (\d+) ", " ".join(byt5.decode(row) for row in heldout))
     assert numbers
     for number in map(int, numbers):  # every page seen is one the streamed rule holds out
-        assert D._in_streamed_split(_web_page(number), "heldout", 0.1)
+        assert D_splits._in_streamed_split(_web_page(number), "heldout", 0.1)
 
 
 def test_math_source(fake_hub):
     docs = D.load_documents("math", max_docs=7)
     assert docs[0] == "algebra problem 0\nanswer 0"
-    assert {d.split(" problem")[0] for d in docs} == set(D._MATH_CONFIGS)  # round-robin over subjects
+    assert {d.split(" problem")[0] for d in docs} == set(D_sources._MATH_CONFIGS)  # round-robin over subjects
     assert {c[0] for c in fake_hub["calls"]} == {"EleutherAI/hendrycks_math"}
     fake_hub["failing"].add("EleutherAI/hendrycks_math")
     docs = D.load_documents("math", max_docs=2)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from hookmoe import evaluate as ev
+import hookmoe.eval as ev
+from hookmoe.errors import EvalError
 from hookmoe.cli import main
 from hookmoe.data import MCItem
 from hookmoe.routing import Plan
@@ -91,11 +92,11 @@ def test_sliding_windows_with_bos_match_manual(mx, blocks):
 
 
 def test_eval_errors_are_user_errors(mx, blocks):
-    with pytest.raises(ev.EvalError):
+    with pytest.raises(EvalError):
         ev.perplexity(mx, blocks, window=16, stride=20)
-    with pytest.raises(ev.EvalError):
+    with pytest.raises(EvalError):
         ev.perplexity(mx, blocks[:, :1])
-    with pytest.raises(ev.EvalError):
+    with pytest.raises(EvalError):
         ev.parse_tasks("arc_easy:x")
     assert ev.parse_tasks("paper-math") == [("gsm8k", 5), ("minerva_math", 4)]
     assert ev.parse_tasks("paper-general")[0] == ("arc_challenge", 0) and len(ev.parse_tasks("paper-general")) == 8
@@ -159,7 +160,7 @@ def test_mc_sources(tmp_path):
     items = ev.load_mc_source(str(tmp_path / "task.json"))
     assert [i.label for i in items] == [0, 1]
     assert len(ev.load_mc_source("builtin-mc:5")) == 5
-    with pytest.raises(ev.EvalError):
+    with pytest.raises(EvalError):
         ev.load_mc_source("builtin-mc:x")
 
 
@@ -188,12 +189,12 @@ def test_lm_eval_bridge_with_a_local_task(mx, tmp_path):
     assert t["metrics"]["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     assert res["score"] == pytest.approx(ours["acc"])
     assert ev.lm_eval_tasks(mx, "hookmoe_unit_mc", include_path=tmp_path)["act"] == pytest.approx(2.0)
-    with pytest.raises(ev.EvalError, match="unknown lm-eval task"):
+    with pytest.raises(EvalError, match="unknown lm-eval task"):
         ev.task_manager(tmp_path, ["no_such_task_xyz"], include_defaults=False)
 
 
 def test_eval_cli_plans_calibration_and_errors(tmp_path, capsys):
-    out = tmp_path / "ev.json"
+    out = tmp_path / "json"
     with pytest.raises(SystemExit) as e:
         main(["eval", "tiny:mixtral", "--plan", "native", "--plan", "naee", "--data", "builtin", "--n-blocks", "2",
               "--block-len", "32", "--calib-blocks", "2", "--device", "cpu", "--json", str(out)])

@@ -9,7 +9,8 @@ from conftest import ARCHS
 from hookmoe.errors import ArtifactError, ModelError, PlanError
 from hookmoe.hook import (SUBMODULE, Hook, attach_hooks, export_model, insert_hooks, parse_layers, read_manifest,
                           remove_hooks)
-from hookmoe.models import build_tiny, load
+from hookmoe.hook import load
+from hookmoe.models import build_tiny
 
 
 @pytest.fixture(autouse=True, scope="module")

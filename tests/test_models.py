@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import ARCHS
-from hookmoe.accounting import expert_flops_per_token, paper_active_params, param_counts
+from hookmoe.models.accounting import expert_flops_per_token, paper_active_params, param_counts
 from hookmoe.errors import ModelError
 from hookmoe.models import ADAPTERS, MoEModel, load, offline_gguf, tiny_tokenizer
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from conftest import ARCHS
-from hookmoe import runtime as R
+from hookmoe.speed import runtime as R
+from hookmoe.errors import RuntimeOptionError
 from hookmoe.compat import experts_implementation, sentinel_skips
 from hookmoe.hook import insert_hooks, remove_hooks
-from hookmoe.models import load
+from hookmoe.hook import load
 from hookmoe.routing import apply_plan
 
 
@@ -245,13 +246,13 @@ def test_runtime_options_and_errors(models):
         d = rt.describe()
         assert d["experts_implementation"] == "hookmoe" and d["device"] == "cpu"
         assert d["compile"] is False and d["cache"] == "dynamic"  # CPU: eager (see module docstring)
-        with pytest.raises(R.RuntimeOptionError):
+        with pytest.raises(RuntimeOptionError):
             rt.generate(_prompt(4), 0)
-    with pytest.raises(R.RuntimeOptionError):
+    with pytest.raises(RuntimeOptionError):
         R.Runtime(mm, cache="paged")
-    with pytest.raises(R.RuntimeOptionError):
+    with pytest.raises(RuntimeOptionError):
         R.Runtime(mm, clock="sundial")
-    with pytest.raises(R.RuntimeOptionError):
+    with pytest.raises(RuntimeOptionError):
         R.set_experts(mm, "no-such-impl")
     # the static cache (used when compiling) gives the same tokens
     with R.Runtime(mm, cache="static") as rt:
@@ -350,7 +351,7 @@ def test_lean_decode_step_is_bit_identical(arch, models):
 
 def test_lean_decode_step_refused_where_unsupported(models):
     mm = models("gpt_oss")  # sliding-window layers: the mask matters
-    with pytest.raises(R.RuntimeOptionError, match="no lean decode step"):
+    with pytest.raises(RuntimeOptionError, match="no lean decode step"):
         R.Runtime(mm, lean=True)
     with R.Runtime(mm) as rt:
         assert rt.describe()["decode_step"] == "model forward"

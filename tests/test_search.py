@@ -5,7 +5,10 @@ import json
 import pytest
 import torch
 
-from hookmoe import search as se
+import hookmoe.routing as routing
+import hookmoe.search as se
+import hookmoe.search.paper as se_paper
+from hookmoe.errors import SearchError
 from hookmoe.cli import main
 from hookmoe.errors import PlanError
 from hookmoe.routing import Plan, TopK
@@ -36,17 +39,17 @@ def _blocks(n=4, t=48, seed=2):
 
 def test_naee_betas_are_per_layer_medians_and_plans_round_trip(mx):
     cb = _blocks()
-    stats = se.collect_router_stats(mx, cb, batch_size=3)
+    stats = routing.collect_router_stats(mx, cb, batch_size=3)
     assert set(stats) == {0, 1, 2, 3}
     assert stats[0].p_sorted.shape == (cb.numel(), 2) and stats[0].entropy.shape == (cb.numel(),)
     assert bool((stats[0].p_sorted[:, 0] >= stats[0].p_sorted[:, 1]).all())
-    plan = se.calibrate_plan(mx, "naee", cb)
+    plan = routing.calibrate_plan(mx, "naee", cb)
     for i in range(4):
         assert float(plan.layers[str(i)].split(":")[1]) == pytest.approx(float(stats[i].ratio(1).median()), rel=1e-5)
     cal = plan.meta["calibration"]
     assert 1.25 < cal["measured_act"] < 1.75  # the median skips the 2nd expert for about half the tokens
     again = Plan.parse(json.loads(json.dumps(plan.to_dict())))
-    act, per = se.measure_act(mx, again, cb)
+    act, per = routing.measure_act(mx, again, cb)
     assert act == pytest.approx(cal["measured_act"], abs=1e-9)
     assert getattr(mx, "_routing_patch", None) is None
 
@@ -55,10 +58,10 @@ def test_naee_betas_are_per_layer_medians_and_plans_round_trip(mx):
 def test_calibration_hits_a_target_act(tiny_models, spec):
     mm = tiny_models("qwen3_moe")  # native top-4
     cb = _blocks(3, 48, seed=3)
-    plan = se.calibrate_plan(mm, spec, cb, target_act=2.5, tol=0.01)
+    plan = routing.calibrate_plan(mm, spec, cb, target_act=2.5, tol=0.01)
     cal = plan.meta["calibration"]
     assert abs(cal["measured_act"] - 2.5) <= 0.03, cal
-    act, per = se.measure_act(mm, plan, cb)
+    act, per = routing.measure_act(mm, plan, cb)
     assert act == pytest.approx(cal["measured_act"], abs=1e-9)
     kind = spec.split(":")[0]
     assert all(r.startswith(kind) for r in plan.layers.values())
@@ -72,19 +75,19 @@ def test_calibration_hits_a_target_act(tiny_models, spec):
 def test_calibration_errors(mx):
     cb = _blocks(2, 16)
     with pytest.raises(PlanError, match="no dynamic rule"):
-        se.calibrate_plan(mx, "topk:1", cb)
+        routing.calibrate_plan(mx, "topk:1", cb)
     with pytest.raises(PlanError, match="out of reach"):
-        se.calibrate_plan(mx, "topp", cb, target_act=2.5)
+        routing.calibrate_plan(mx, "topp", cb, target_act=2.5)
     with pytest.raises(PlanError, match="one kind"):
-        se.calibrate_plan(mx, {"base": "naee", "layers": {"3": "topp:0.5"}}, cb, target_act=1.5)
+        routing.calibrate_plan(mx, {"base": "naee", "layers": {"3": "topp:0.5"}}, cb, target_act=1.5)
     # static layers count towards the target: top-2 in layer 0 leaves (1.25*4-2)/3 = 1.0 for the rest
-    plan = se.calibrate_plan(mx, {"base": "ratio:0.5", "layers": {"0": "topk:2"}}, cb, target_act=1.25)
+    plan = routing.calibrate_plan(mx, {"base": "ratio:0.5", "layers": {"0": "topk:2"}}, cb, target_act=1.25)
     assert plan.layers["0"] == "topk:2" and abs(plan.meta["calibration"]["measured_act"] - 1.25) < 0.02
 
 
 def test_entropy_thresholds_fill_highest_entropy_first():
     h = torch.arange(100, dtype=torch.float32) / 10
-    ts = se.entropy_thresholds(h, 2.3, cap=4, num_experts=16)
+    ts = routing.entropy_thresholds(h, 2.3, cap=4, num_experts=16)
     k = 1 + (h.unsqueeze(-1) > torch.tensor(ts)).sum(-1)
     assert float(k.float().mean()) == pytest.approx(2.3, abs=0.02)
     assert int(k[-1]) == 3 and int(k[0]) == 2  # everyone gets a 2nd expert, the top 30% a 3rd
@@ -120,9 +123,9 @@ def test_run_partial_resumes_from_cached_layer_inputs(mx):
     ids = _blocks(2, 24)
     with torch.no_grad():
         full = mx.model(input_ids=ids).logits
-        h1 = se.run_partial(mx, ids, stop=1)
-        h3 = se.run_partial(mx, ids, start=1, hidden=h1, stop=3)
-        out = se.run_partial(mx, ids, start=3, hidden=h3)
+        h1 = routing.run_partial(mx, ids, stop=1)
+        h3 = routing.run_partial(mx, ids, start=1, hidden=h1, stop=3)
+        out = routing.run_partial(mx, ids, start=3, hidden=h3)
     assert torch.allclose(out, full, atol=1e-5)
     assert "forward" not in mx.decoder_layers[0].__dict__  # skipped layers are restored
 
@@ -160,7 +163,7 @@ def test_search_follows_the_paper_procedure(mx, tmp_path, monkeypatch):
         trained.append((layer, plan))
         sc.hook_layer = layer
 
-    monkeypatch.setattr(se, "_remove_hooks", lambda mm: setattr(sc, "hook_layer", None))
+    monkeypatch.setattr(se_paper, "_remove_hooks", lambda mm: setattr(sc, "hook_layer", None))
     res = se.search(mx, sc, tolerance=0.01, step=1, train_fn=train_fn, log_path=tmp_path / "log.jsonl")
     # k: topk:1 costs 8.5% -> keep k=2; l: 3 (+0.3%) ok, 2 (+0.5%) ok, 1 (+3.5%) over -> TLNLE(2, 2)
     assert (res["k"], res["l"], res["plan"]) == (2, 2, "tlnle:k=2,l=2")
@@ -182,7 +185,7 @@ def test_search_follows_the_paper_procedure(mx, tmp_path, monkeypatch):
     res2 = se.search(mx, sc2, tolerance=0.01, step=1, max_evals=3, hook=False)
     assert res2["budget_exhausted"] and res2["evals"] == 3 and res2["plan"] == "tlnle:k=2,l=3"
     assert any("budget" in e.get("event", "") for e in res2["log"])
-    with pytest.raises(se.SearchError):
+    with pytest.raises(SearchError):
         se.search(mx, sc2, tolerance=-0.1)
 
 
@@ -214,7 +217,7 @@ def test_compare_at_matched_act(mx, tmp_path):
     md = paths["md"].read_text()
     assert "| method | plan | perplexity | Act |" in md and "tlnle:k=2,l=2" in md
     assert paths["png"].stat().st_size > 1000
-    with pytest.raises(se.SearchError):
+    with pytest.raises(SearchError):
         se.compare(mx, sc, 2.5)
 
 

@@ -9,8 +9,9 @@ import torch
 from hookmoe.data import make_blocks
 from hookmoe.errors import ArtifactError, PlanError
 from hookmoe.hook import SUBMODULE, attach_hooks
-from hookmoe.models import load
-from hookmoe.train import (TrainConfig, TrainingError, hook_eval, kd_loss, kd_loss_topk, lm_loss, lr_at, read_log,
+from hookmoe.hook import load
+from hookmoe.errors import TrainingError
+from hookmoe.training import (TrainConfig, hook_eval, kd_loss, kd_loss_topk, lm_loss, lr_at, read_log,
                            train_hook)
 
 

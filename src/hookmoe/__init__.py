@@ -5,9 +5,12 @@
     with mm.routing("topk:1") as patch: ...       # see hookmoe.routing for plans
 """
 
-from .errors import ArtifactError, ModelError, PlanError, UserError
-from .models import MoEModel, load
-from .routing import Plan, apply_plan
-
 __version__ = "0.1.0"
-__all__ = ["load", "MoEModel", "Plan", "apply_plan", "UserError", "ModelError", "PlanError", "ArtifactError"]
+
+from hookmoe.errors import ArtifactError, ModelError, PlanError, UserError
+from hookmoe.hook import load
+from hookmoe.models import MoEModel
+from hookmoe.routing import Plan, apply_plan
+
+__all__ = ["load", "MoEModel", "Plan", "apply_plan", "UserError", "ModelError", "PlanError", "ArtifactError",
+           "__version__"]

@@ -22,3 +22,30 @@ class PlanError(UserError):
 
 class ArtifactError(UserError):
     """A hook artifact is missing, corrupt, or was made for another model."""
+
+
+class SearchError(UserError):
+    """A sweep, search, comparison or pipeline cannot run with the given input."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (non-finite loss, bad settings, a checkpoint that does not fit)."""
+
+
+class DataError(UserError):
+    """Bad data input (unknown source, missing file, too little text, ...); the message is one sentence.
+
+    A :class:`~hookmoe.errors.UserError`, hence a ``ValueError``.
+    """
+
+
+class EvalError(UserError):
+    """An evaluation cannot run with the given input."""
+
+
+class BenchError(UserError):
+    """A benchmark option is invalid for this model or machine."""
+
+
+class RuntimeOptionError(UserError):
+    """A runtime option cannot be honoured (e.g. compile on a device without a compiler)."""

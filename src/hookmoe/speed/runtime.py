@@ -61,16 +61,14 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from . import cpu_gemm
-from .errors import UserError
+from hookmoe.speed import cpu_gemm
+from hookmoe.errors import RuntimeOptionError
 
 IMPL_NAME = "hookmoe"
 SMALL_SLOTS = 32  # up to this many (token, expert) slots the host path groups in Python, without a sort
 PER_EXPERT_MIN_MACS = 1 << 22  # smallest mean per-expert gate/up product run as its own oneDNN call
 
 
-class RuntimeOptionError(UserError):
-    """A runtime option cannot be honoured (e.g. compile on a device without a compiler)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +297,7 @@ def register() -> None:
 def set_experts(mm, impl: str = IMPL_NAME) -> str:
     """Switch ``mm``'s experts implementation; returns the previous one. Re-applies a plan in force so that
     dynamic rules use sentinel indices when the new path skips them."""
-    from .compat import experts_implementation
+    from hookmoe.compat import experts_implementation
 
     if impl == IMPL_NAME:
         register()
@@ -311,7 +309,7 @@ def set_experts(mm, impl: str = IMPL_NAME) -> str:
             raise RuntimeOptionError(f"cannot use experts implementation '{impl}': {str(e).splitlines()[0]}") from None
         patch = getattr(mm, "_routing_patch", None)
         if patch is not None and patch._active:
-            from .routing import apply_plan
+            from hookmoe.routing.patch import apply_plan
 
             mm.active_plan = apply_plan(mm, patch.plan, count=patch._count)
     return prev
@@ -427,7 +425,7 @@ class _LeanDecoder:
     def usable(self) -> bool:
         """No forward hooks on the skipped outer modules other than a routing plan's mask bookkeeping (which
         only matters for padded batches, never taken here)."""
-        from .routing import RoutingPatch
+        from hookmoe.routing.patch import RoutingPatch
 
         for mod in (self.mm.model, self.body, self.head, self.body.embed_tokens, self.body.norm, self.body.rotary_emb):
             for hooks in (mod._forward_pre_hooks, mod._forward_hooks):

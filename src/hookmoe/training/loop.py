@@ -1,207 +1,26 @@
-"""Hook training: every base weight frozen, only the Hook learns, while the model runs a reduced plan.
-
-Objectives (``objective=``):
-
-``kd`` (default)
-    KL(teacher || student) over the next-token distribution. The teacher is the same model under its
-    native routing with the Hook bypassed (no grad). By default (``kd_topk=32``) the teacher runs once
-    over all training blocks and its top-K log-probabilities are cached (K + 1 bins: the top K and "the
-    rest", so the loss is still a true KL between coarsened distributions; memory ``N·T·K·8`` bytes on
-    the CPU, capped by ``kd_cache_max_gb`` — above it, or when the run reads fewer blocks than it has,
-    the teacher is recomputed per batch);
-    ``kd_topk=None`` recomputes the exact full-vocabulary teacher every batch.
-``lm``
-    Next-token cross-entropy on the calibration text (the paper's LLaMA-Factory "pt" stage).
-``hidden``
-    Relative MSE ``|h_s − h_t|² / |h_t|²`` between the student's and the teacher's hidden states after
-    the final norm (``hidden_layer=None``) or after decoder layer ``hidden_layer`` (≥ the hooked layer).
-
-The defaults were measured (``benchmarks/hook_objectives.py`` → ``benchmarks/results/hook_objectives.json``,
-two pre-trained 6-layer tiny MoEs at ``topk:1``): ``kd`` was the only objective that closed the held-out
-KD gap on both models (10–17 % in 120 steps; ``hidden`` 6–18 %; ``lm`` moved the model *away* from
-the native one, −60 to −150 %, while fitting the text), and the top-32 cache made it 1.4× faster at the
-same recovery; ``zero`` init beat ``paper`` on average (and starts exactly at the no-hook model).
-
-Loop: AdamW (lr 1e-4 as in the paper), linear warm-up then cosine/linear/constant schedule, gradient
-clipping, gradient accumulation, bf16 autocast on CUDA, optional gradient checkpointing, validation
-(KD, LM and hidden losses on held-out blocks, plus the no-hook baseline at the start) every
-``eval_every`` steps with early stopping (``patience`` evaluations without improvement; the best weights
-are restored at the end), a rich progress bar (loss, tokens/s), ``train_log.jsonl`` and ``loss.png``.
-
-Checkpoints (``out_dir/checkpoint``, written to a temporary directory and moved into place with
-``os.replace``): ``hook.safetensors`` (weights), ``optimizer.safetensors`` (AdamW moments, RNG states,
-best weights) and ``trainer_state.json`` (step, data position, schedule, history, config). No pickle.
-``resume=True`` continues from there and ends with the same weights as an uninterrupted run.
-A NaN/inf loss or gradient stops training before the optimizer step (the weights stay at the last good
-step, which is checkpointed) with a one-line :class:`TrainingError`.
-"""
+"""TODO docstring"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.nn import functional as F
 
-from .errors import ArtifactError, UserError
-from .hook import DEFAULT_INIT, INITS, HookSet, _json_default, insert_hooks, parse_layers
-
-OBJECTIVES = ("lm", "kd", "hidden")
-DEFAULT_OBJECTIVE = "kd"  # measured: see benchmarks/results/hook_objectives.json
-SCHEDULES = ("cosine", "linear", "constant")
-AMP_MODES = ("auto", "bf16", "off")
-CHECKPOINT_DIR = "checkpoint"
-LOG_NAME = "train_log.jsonl"
-PLOT_NAME = "loss.png"
-TRAINER_STATE = "trainer_state.json"
-CKPT_FORMAT = "hookmoe-checkpoint/1"
-
-# Settings a resumed run must share with the checkpoint (others — steps, lr, eval/checkpoint cadence,
-# patience — may change on resume).
-_IDENTITY_KEYS = ("layers", "plan", "objective", "init", "inner_size", "batch_size", "grad_accum", "seed",
-                  "kd_temperature", "kd_topk", "hidden_layer", "weight_decay")
-
-
-class TrainingError(UserError):
-    """Training cannot go on (non-finite loss, bad settings, a checkpoint that does not fit)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a hook-training run (saved in the artifact and the checkpoint)."""
-
-    layers: list[int]
-    plan: dict
-    objective: str = DEFAULT_OBJECTIVE
-    steps: int | None = None  # optimizer steps; default from epochs
-    epochs: float | None = None  # passes over the training blocks (default 1 when steps is None)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup: float = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    eval_every: int | None = None  # default: about 10 evaluations per run
-    patience: int | None = None  # early stopping: evaluations without improvement before stopping (None: never)
-    checkpoint_every: int | None = None  # default: eval_every
-    init: str = DEFAULT_INIT
-    inner_size: int | None = None
-    seed: int = 0
-    kd_temperature: float = 1.0
-    kd_topk: int | None = 32  # cache the teacher's top-K log-probs (None: exact teacher every batch)
-    kd_cache_max_gb: float = 4.0  # above this the top-K cache is skipped (teacher recomputed per batch)
-    hidden_layer: int | None = None
-    grad_checkpointing: bool = False
-    amp: str = "auto"
-    restore_best: bool = True
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise TrainingError(f"unknown objective '{self.objective}' (use one of: {', '.join(OBJECTIVES)})")
-        if self.init not in INITS:
-            raise TrainingError(f"unknown hook init '{self.init}' (use one of: {', '.join(INITS)})")
-        if self.schedule not in SCHEDULES:
-            raise TrainingError(f"unknown schedule '{self.schedule}' (use one of: {', '.join(SCHEDULES)})")
-        if self.amp not in AMP_MODES:
-            raise TrainingError(f"unknown amp mode '{self.amp}' (use one of: {', '.join(AMP_MODES)})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise TrainingError(f"lr must be a positive number, got {self.lr}")
-        if self.steps is not None and self.steps < 1:
-            raise TrainingError(f"steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise TrainingError(f"epochs must be > 0, got {self.epochs}")
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "kd_topk"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise TrainingError(f"{name} must be >= 1, got {v}")
-        if self.patience is not None and self.patience < 1:
-            raise TrainingError(f"patience must be >= 1 (or None to never stop early), got {self.patience}")
-        if not self.kd_temperature > 0:
-            raise TrainingError(f"kd_temperature must be > 0, got {self.kd_temperature}")
-        if self.warmup < 0:
-            raise TrainingError(f"warmup must be >= 0, got {self.warmup}")
-        if self.hidden_layer is not None and self.hidden_layer < max(self.layers):
-            raise TrainingError(f"hidden_layer {self.hidden_layer} is below the hooked layer {max(self.layers)}: "
-                                "its hidden state does not depend on the Hook")
-
-
-@dataclass
-class TrainResult:
-    hookset: HookSet
-    history: list[dict]
-    metrics: dict
-    out_dir: Path | None = None
-    config: TrainConfig | None = None
-
-
-# --------------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------------
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy."""
-    lg = logits[:, :-1].float()
-    return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean per-token KL(teacher || student) at ``temperature`` (scaled by T² as usual)."""
-    t = float(temperature)
-    s = F.log_softmax(student_logits.float() / t, -1)
-    p = F.log_softmax(teacher_logits.float() / t, -1)
-    kl = (p.exp() * (p - s)).sum(-1)
-    return kl.mean() * t * t
-
-
-def kd_loss_topk(student_logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor,
-                 temperature: float = 1.0) -> torch.Tensor:
-    """KL over K+1 bins (the teacher's top K tokens and the rest) from cached teacher log-probs."""
-    t = float(temperature)
-    s = F.log_softmax(student_logits.float() / t, -1)
-    s_k = s.gather(-1, t_idx.long())
-    t_logp = t_logp.float()
-    p_k = t_logp.exp()
-    kl = (p_k * (t_logp - s_k)).sum(-1)
-    rest_t = (1.0 - p_k.sum(-1)).clamp_min(0.0)
-    # log(1 - sum exp(s_k)) computed stably
-    rest_s_log = torch.log1p(-torch.logsumexp(s_k, -1).exp().clamp(max=1 - 1e-7))
-    kl = kl + torch.where(rest_t > 1e-12, rest_t * (rest_t.clamp_min(1e-30).log() - rest_s_log),
-                          torch.zeros_like(rest_t))
-    return kl.mean() * t * t
-
-
-def hidden_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Relative MSE: mean squared error divided by the teacher's mean square (a constant)."""
-    s, t = student.float(), teacher.float()
-    return ((s - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)
-
-
-# --------------------------------------------------------------------------------------------------
-# Model plumbing: routing for student/teacher, hidden-state capture, autocast
-# --------------------------------------------------------------------------------------------------
+from hookmoe.errors import ArtifactError
+from hookmoe.hook.inject import HookSet, insert_hooks, parse_layers
+from hookmoe.hook.artifact import _json_default
+from hookmoe.errors import TrainingError
+from hookmoe.training.checkpoint import _blocks_digest, _find_checkpoint, _load_optimizer, _read_checkpoint, _rewrite_log, _save_checkpoint, _set_rng
+from hookmoe.training.config import CHECKPOINT_DIR, DEFAULT_OBJECTIVE, LOG_NAME, PLOT_NAME, TrainConfig, TrainResult, _IDENTITY_KEYS
+from hookmoe.training.losses import hidden_loss, kd_loss, kd_loss_topk, lm_loss
+from hookmoe.training.schedule import lr_at
 
 
 class _Routing:
@@ -209,13 +28,13 @@ class _Routing:
     context removes it and bypasses the Hooks."""
 
     def __init__(self, mm, plan):
-        from .routing import Plan
+        from hookmoe.routing.plan import Plan
 
         self.mm, self.plan = mm, Plan.parse(plan)
         self.patch = None
 
     def student(self) -> None:
-        from .routing import apply_plan
+        from hookmoe.routing.patch import apply_plan
 
         if self.patch is None or not self.patch._active:
             self.patch = apply_plan(self.mm, self.plan, count=False)
@@ -287,11 +106,6 @@ def _forward_logits(mm, ids: torch.Tensor, keep_logits: bool = True) -> torch.Te
     return mm.model(input_ids=ids, use_cache=False, **kw).logits
 
 
-# --------------------------------------------------------------------------------------------------
-# Held-out evaluation of a hooked model
-# --------------------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def hook_eval(mm, blocks: torch.Tensor, plan: Any, hookset: HookSet | None = None, *, batch_size: int = 4,
               hidden_layer: int | None = None, nohook: bool = False, amp: str = "auto",
@@ -358,142 +172,6 @@ def gap_closed(nohook: float, hooked: float, native: float) -> float:
     return float("nan") if abs(gap) < 1e-12 else (nohook - hooked) / gap
 
 
-# --------------------------------------------------------------------------------------------------
-# Schedule, checkpoint I/O
-# --------------------------------------------------------------------------------------------------
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
-    warm = int(round(cfg.warmup * total)) if cfg.warmup < 1 else int(cfg.warmup)
-    warm = min(warm, max(0, total - 1))
-    if warm > 0 and step < warm:
-        return cfg.lr * (step + 1) / (warm + 1)
-    if cfg.schedule == "constant":
-        return cfg.lr
-    frac = (step - warm) / max(1, total - warm - 1)
-    frac = min(max(frac, 0.0), 1.0)
-    lo = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "linear":
-        return lo + (cfg.lr - lo) * (1.0 - frac)
-    return lo + (cfg.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def _blocks_digest(blocks: torch.Tensor) -> str:
-    t = blocks.detach().to("cpu", torch.int64).contiguous()
-    return hashlib.sha256(t.numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()[:16]
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for name, v in st.items():
-            t = v if torch.is_tensor(v) else torch.tensor(v)
-            tensors[f"state.{pid}.{name}"] = t.detach().to("cpu").contiguous()
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict] = {}
-    for key, t in tensors.items():
-        if not key.startswith("state."):
-            continue
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = t
-    fixed = []
-    for g in groups:
-        g = dict(g)
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        fixed.append(g)
-    opt.load_state_dict({"state": state, "param_groups": fixed})
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.torch_cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
-    return out
-
-
-def _set_rng(tensors: dict[str, torch.Tensor]) -> None:
-    if "rng.torch_cpu" in tensors:
-        torch.random.set_rng_state(tensors["rng.torch_cpu"].to(torch.uint8))
-    if torch.cuda.is_available():
-        states = [tensors[k].to(torch.uint8) for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
-        if states and len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-
-
-def _save_checkpoint(out_dir: Path, hs: HookSet, opt, state: dict, best: dict[str, torch.Tensor] | None) -> Path:
-    """Write the checkpoint to a temporary directory, then move it into place atomically."""
-    from safetensors.torch import save_file
-
-    final = out_dir / CHECKPOINT_DIR
-    tmp = _mkdtemp(out_dir, f".{CHECKPOINT_DIR}.tmp-")
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in hs.state_dict().items()},
-                  str(tmp / "hook.safetensors"))
-        tensors, groups = _optimizer_tensors(opt)
-        tensors.update(_rng_tensors())
-        if best is not None:
-            tensors.update({f"best.{k}": v.detach().to("cpu").contiguous() for k, v in best.items()})
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        st = dict(state, format=CKPT_FORMAT, param_groups=groups)
-        (tmp / TRAINER_STATE).write_text(json.dumps(st, indent=1, default=_json_default) + "\n")
-        old = out_dir / f"{CHECKPOINT_DIR}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def _mkdtemp(parent: Path, prefix: str) -> Path:
-    """A temporary directory with the permissions of an ordinary one (mkdtemp makes it 0700)."""
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
-
-
-def _find_checkpoint(out_dir: Path) -> Path | None:
-    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):  # .old survives a crash between the two renames
-        d = out_dir / name
-        if (d / TRAINER_STATE).is_file():
-            return d
-    return None
-
-
-def _read_checkpoint(d: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    try:
-        state = json.loads((d / TRAINER_STATE).read_text())
-        hook_w = load_file(str(d / "hook.safetensors"))
-        opt_t = load_file(str(d / "optimizer.safetensors"))
-    except Exception as e:  # JSON or safetensors errors of any kind
-        raise ArtifactError(f"checkpoint {d} is corrupt or incomplete ({type(e).__name__}); "
-                            "remove it to start over") from None
-    if state.get("format") != CKPT_FORMAT:
-        raise ArtifactError(f"checkpoint {d} has format {state.get('format')!r}, expected {CKPT_FORMAT!r}")
-    return state, hook_w, opt_t
-
-
-# --------------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------------
-
-
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 
@@ -507,7 +185,7 @@ def _progress(enabled: bool):
 
 def _batch_rows(n: int, batch_size: int, seed: int, start_micro: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Endless micro-batches of row indices (epoch e shuffled with seed + e), from micro-batch ``start_micro``."""
-    from .data import iter_batches, num_batches
+    from hookmoe.data.blocks import iter_batches, num_batches
 
     nb = num_batches(n, batch_size, drop_last=True)
     rows = torch.arange(n).unsqueeze(1)
@@ -557,7 +235,8 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
     (``hook.safetensors`` + ``hookmoe.json``); ``resume=True`` continues from its checkpoint.
     ``on_step(step, record)`` is called after each optimizer step.
     """
-    from .routing import Plan, apply_plan
+    from hookmoe.routing.plan import Plan
+    from hookmoe.routing.patch import apply_plan
 
     layer_list = parse_layers(layers, mm)
     plan_obj = Plan.parse(plan)
@@ -902,22 +581,9 @@ def _teardown(mm, routing: _Routing, cap: _Capture | None, frozen, gc_layers, wa
             layer.training = False
     mm.model.train(was_training)
     if prev_plan is not None:
-        from .routing import apply_plan
+        from hookmoe.routing.patch import apply_plan
 
         mm.active_plan = apply_plan(mm, prev_plan)
-
-
-def _rewrite_log(path: Path, history: list[dict]) -> None:
-    """The log holds exactly ``history`` (drops lines written after the checkpoint a run resumes from)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for rec in history:
-            f.write(json.dumps(rec, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def read_log(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def plot_history(history: list[dict], path: str | Path, title: str = "hook training") -> Path:
@@ -965,122 +631,3 @@ def plot_history(history: list[dict], path: str | Path, title: str = "hook train
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI: hookmoe train
-# --------------------------------------------------------------------------------------------------
-
-
-def register_cli(app) -> None:
-    import typer
-
-    from .cli import MODEL_HELP, PLAN_HELP, console, fail, load_model, write_json
-
-    @app.command("train")
-    def train_cmd(
-        model: str = typer.Argument(..., help=MODEL_HELP),
-        plan: str = typer.Option(..., help=PLAN_HELP + " (the reduced routing the Hook compensates)"),
-        layer: str = typer.Option(..., help="MoE layer(s) to hook: 14, 14,15, 12-14 or all (every MoE layer)"),
-        calib: str = typer.Option("builtin", help="calibration text: builtin, c4, math, hf:ID, a file or folder"),
-        out: Path = typer.Option(..., help="output directory (artifact, checkpoint, log, loss.png)"),
-        objective: str = typer.Option(DEFAULT_OBJECTIVE, help="kd (KL to the native model) | lm | hidden"),
-        steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: --epochs over the data)"),
-        epochs: float = typer.Option(3.0, help="passes over the calibration samples when --steps is not given "
-                                     "(LLaMA-Factory's default, which the paper used)"),
-        samples: int = typer.Option(128, min=1, help="calibration samples (paper: 512)"),
-        seq_len: int = typer.Option(256, min=2, help="tokens per sample (paper: 2048)"),
-        val_samples: int = typer.Option(16, min=0, help="held-out samples for validation (0 = none)"),
-        val_data: Optional[str] = typer.Option(None, help="held-out text source (default: --calib, heldout split)"),
-        batch_size: int = typer.Option(4, min=1),
-        grad_accum: int = typer.Option(1, min=1, help="micro-batches per optimizer step"),
-        lr: float = typer.Option(1e-4, help="AdamW learning rate (paper: 1e-4)"),
-        weight_decay: float = typer.Option(0.0),
-        warmup: float = typer.Option(0.05, help="warm-up: fraction of the steps (<1) or steps (>=1)"),
-        schedule: str = typer.Option("cosine", help="cosine | linear | constant"),
-        max_grad_norm: float = typer.Option(1.0, help="gradient clipping (0 = off)"),
-        eval_every: Optional[int] = typer.Option(None, min=1, help="steps between validations (default: ~10 per run)"),
-        patience: int = typer.Option(0, min=0, help="early stopping: stop after this many validations without "
-                                     "improvement and keep the best weights (0 = never)"),
-        checkpoint_every: Optional[int] = typer.Option(None, min=1, help="steps between checkpoints (default: eval)"),
-        init: str = typer.Option(DEFAULT_INIT, help="zero (starts as the identity) | paper (nn.Linear init)"),
-        inner_size: Optional[int] = typer.Option(None, min=1, help="Hook width (default: the paper's, see info)"),
-        kd_temperature: float = typer.Option(1.0, help="KD temperature"),
-        kd_topk: int = typer.Option(32, min=0, help="kd: cache the teacher's top-K log-probs once instead of "
-                                    "running the teacher every step (0 = exact teacher every step)"),
-        hidden_layer: Optional[int] = typer.Option(None, help="hidden objective: match this decoder layer's output "
-                                                   "(default: after the final norm)"),
-        grad_checkpointing: bool = typer.Option(False, help="recompute activations in backward (saves memory)"),
-        amp: str = typer.Option("auto", help="auto (bf16 autocast on CUDA) | bf16 | off"),
-        resume: bool = typer.Option(False, help="continue the run checkpointed in --out"),
-        seed: int = typer.Option(0),
-        device: str = typer.Option("auto", help="cpu | cuda | auto"),
-        dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
-        no_progress: bool = typer.Option(False, help="no progress bar"),
-        as_json: Optional[Path] = typer.Option(None, "--json", help="also write the final metrics here ('-' = stdout)"),
-    ):
-        """Train a Hook at --layer while the model runs --plan; writes the artifact to --out."""
-        from .data import DataError, make_blocks
-
-        mm = load_model(model, device=device, dtype=dtype, seed=seed)
-        layers = parse_layers(layer, mm)
-        try:
-            train_blocks = make_blocks(mm.tokenizer, calib, samples, seq_len, seed=seed, split="train",
-                                       progress=not no_progress)
-            val_blocks = None
-            if val_samples > 0:
-                val_blocks = make_blocks(mm.tokenizer, val_data or calib, val_samples, seq_len, seed=seed,
-                                         split="heldout", progress=not no_progress)
-        except DataError as e:
-            fail(str(e))
-        try:
-            result = train_hook(
-                mm, layers=layers, plan=plan, train_blocks=train_blocks, val_blocks=val_blocks,
-                objective=objective, steps=steps, epochs=None if steps else epochs, lr=lr, batch_size=batch_size,
-                out_dir=out, resume=resume, progress=not no_progress, grad_accum=grad_accum,
-                weight_decay=weight_decay, warmup=warmup, schedule=schedule, max_grad_norm=max_grad_norm or None,
-                eval_every=eval_every, patience=patience or None, checkpoint_every=checkpoint_every, init=init,
-                inner_size=inner_size, kd_temperature=kd_temperature, kd_topk=kd_topk or None,
-                hidden_layer=hidden_layer,
-                grad_checkpointing=grad_checkpointing, amp=amp, seed=seed,
-                data_info={"calib": calib, "val_data": val_data or calib, "samples": samples, "seq_len": seq_len,
-                           "val_samples": val_samples, "model": model},
-            )
-        except KeyboardInterrupt:
-            ck = _find_checkpoint(out) if out.is_dir() else None
-            if ck is not None:
-                st = json.loads((ck / TRAINER_STATE).read_text())
-                console.print(f"interrupted: checkpoint of step {st['step']} kept in {ck}; continue with --resume")
-            raise
-        m = result.metrics
-        summary = {"out": str(out), "model": model, "plan": result.hookset.plan.describe() if result.hookset.plan
-                   else plan, "layers": layers, "objective": objective, **m}
-        if as_json is not None and str(as_json) == "-":
-            write_json(summary, None)
-            return
-        from rich.table import Table
-
-        t = Table(title=f"hookmoe train: {model} · {plan} · hook at {layers}", show_header=True)
-        t.add_column("held-out")
-        t.add_column("no hook", justify="right")
-        t.add_column("with hook", justify="right")
-        t.add_column("native", justify="right")
-        t.add_column("gap closed", justify="right")
-        if "val_kd" in m:
-            t.add_row("KD (KL to native)", f"{m['val_kd_nohook']:.4f}", f"{m['val_kd']:.4f}", "0",
-                      f"{100 * m['kd_gap_closed']:.1f}%")
-            t.add_row("LM loss", f"{m['val_lm_nohook']:.4f}", f"{m['val_lm']:.4f}", f"{m['val_lm_native']:.4f}",
-                      f"{100 * m['lm_gap_closed']:.1f}%")
-            console.print(t)
-        frac = result.hookset.describe()["params_fraction_of_model"]
-        console.print(f"{m['steps']} steps, {m['tokens']:,} tokens, {m['tokens_per_s']:,.0f} tok/s, "
-                      f"{m['wall_time_s']:.1f} s; hook params {m['hook_params']:,} ({100 * frac:.2f}% of the model)"
-                      + (" — stopped early" if m["stopped_early"] else ""))
-        console.print(f"artifact: {out}/hook.safetensors + hookmoe.json; log {out}/{LOG_NAME}; plot {out}/{PLOT_NAME}")
-        if as_json is not None:
-            write_json(summary, as_json)
-
-
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "train_hook", "hook_eval", "gap_closed", "lm_loss",
-           "kd_loss", "kd_loss_topk", "hidden_loss", "lr_at", "plot_history", "read_log", "OBJECTIVES",
-           "DEFAULT_OBJECTIVE"]

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import UserError
+from hookmoe.errors import UserError
 
 __all__ = ["linear", "accelerate", "restore", "set_backend", "backend", "uses_onednn", "describe", "MIN_MACS",
            "causal_attention", "attention_forward", "register_attention", "ATTN_NAME"]

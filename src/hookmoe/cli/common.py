@@ -17,14 +17,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from hookmoe.errors import UserError
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run MoE LLMs with fewer experts; win the quality back with a trained Hook.")
+
+
 console = Console()
+
+
 err_console = Console(stderr=True)
 
+
 MODEL_HELP = "hub id, local directory, .gguf file, tiny:<arch>, or an offline name (smollm2, gemma3-270m)"
+
+
 PLAN_HELP = "native | topk:K | tlnle:k=K,l=L | layers:K0,K1,.. | topp:T | ratio:T | naee[:B] | entropy:ACT | plan.json"
 
 
@@ -61,7 +69,7 @@ def write_json(obj, path: Optional[Path]) -> None:
 
 def load_model(model: str, plan: Optional[str] = None, hook: Optional[Path] = None, device: str = "auto",
                dtype: str = "auto", seed: int = 0):
-    from .models import load
+    from hookmoe.hook import load
 
     return load(model, plan=plan, hook=hook, device=device, dtype=dtype, seed=seed)
 
@@ -70,7 +78,7 @@ def default_plan(mm, plan: Optional[str]):
     """The plan to run: the one asked for, else an attached hook's training plan, else native."""
     if plan is not None:
         return plan
-    from .hook import get_hooks
+    from hookmoe.hook.inject import get_hooks
 
     hs = get_hooks(mm)
     return hs.plan if hs is not None and hs.plan is not None else "native"
@@ -91,78 +99,8 @@ def act_table(per_layer: dict, plan_per_layer: dict | None = None, title: str = 
     return t
 
 
-@app.command()
-def info(model: str = typer.Argument(..., help=MODEL_HELP),
-         as_json: bool = typer.Option(False, "--json", help="print JSON"),
-         device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-         dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16")):
-    """Architecture, layers, experts, native k, shared experts, total/active parameters."""
-    mm = load_model(model, device=device, dtype=dtype)
-    d = mm.info()
-    if as_json:
-        write_json(d, None)
-        return
-    t = Table(title=f"hookmoe info: {model}", show_header=False)
-    for k, v in d.items():
-        if isinstance(v, int) and k.startswith("params"):
-            v = f"{v:,}"
-        t.add_row(k, str(v))
-    console.print(t)
-
-
-@app.command()
-def generate(model: str = typer.Argument(..., help=MODEL_HELP),
-             prompt: str = typer.Option(..., help="prompt text"),
-             plan: Optional[str] = typer.Option(None, help=PLAN_HELP + " (default: the hook's plan, else native)"),
-             hook: Optional[Path] = typer.Option(None, help="hook artifact directory"),
-             max_new_tokens: int = typer.Option(32, min=1, help="tokens to generate"),
-             device: str = typer.Option("auto"),
-             dtype: str = typer.Option("auto"),
-             as_json: Optional[Path] = typer.Option(None, "--json", help="also write a JSON result here ('-' = stdout)")):
-    """Generate text (greedy) under a routing plan and print the per-layer Act table."""
-    import torch
-
-    mm = load_model(model, hook=hook, device=device, dtype=dtype)
-    with mm.routing(default_plan(mm, plan)) as patch:
-        enc = mm.encode(prompt)
-        with torch.no_grad():
-            out = mm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=mm.tokenizer.pad_token_id)
-        text = mm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        per_layer = patch.stats.act_per_layer()
-        result = {"model": model, "plan": patch.plan.describe(), "prompt": prompt, "text": text,
-                  "act": patch.stats.act(), "act_per_layer": per_layer, "rules": patch.per_layer()}
-    if as_json is not None and str(as_json) == "-":
-        write_json(result, None)
-        return
-    shown = "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text)
-    from rich.text import Text
-
-    console.print(Text.assemble((prompt, "bold"), shown))
-    console.print(act_table(per_layer, patch.per_layer()))
-    console.print(f"overall Act = {result['act']:.3f} (native k = {mm.native_top_k})")
-    if as_json is not None:
-        write_json(result, as_json)
-
-
-def _register_optional_commands() -> None:
-    """Commands defined in their feature modules register themselves on ``app`` here."""
-    import importlib
-
-    for mod in ("hook", "train", "evaluate", "search", "bench", "convert", "demo"):
-        try:
-            m = importlib.import_module(f".{mod}", __package__)
-        except ImportError:
-            # a feature that needs a newer transformers (e.g. convert on 5.17) must not take the other
-            # commands down with it; on supported versions every module imports (the tests check)
-            continue
-        register = getattr(m, "register_cli", None)
-        if register is not None:
-            register(app)
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    _register_optional_commands()
+def run(argv: Optional[List[str]] = None) -> None:
+    """Run ``app`` with hookmoe's error conventions (one ``error:`` line and exit 2 for bad input)."""
     try:  # typer >= 0.20 vendors its own click
         from typer._click import exceptions as click_exc
     except ImportError:  # pragma: no cover
@@ -184,7 +122,3 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.stderr.close()
         sys.exit(0)
     sys.exit(rv if isinstance(rv, int) else 0)
-
-
-if __name__ == "__main__":
-    main()

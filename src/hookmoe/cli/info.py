@@ -1,0 +1,69 @@
+"""TODO docstring"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, act_table, console, default_plan, load_model
+from hookmoe.cli.common import write_json
+
+
+
+def register_cli(app) -> None:
+    """``hookmoe info`` and ``hookmoe generate``."""
+
+    @app.command()
+    def info(model: str = typer.Argument(..., help=MODEL_HELP),
+             as_json: bool = typer.Option(False, "--json", help="print JSON"),
+             device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+             dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16")):
+        """Architecture, layers, experts, native k, shared experts, total/active parameters."""
+        mm = load_model(model, device=device, dtype=dtype)
+        d = mm.info()
+        if as_json:
+            write_json(d, None)
+            return
+        t = Table(title=f"hookmoe info: {model}", show_header=False)
+        for k, v in d.items():
+            if isinstance(v, int) and k.startswith("params"):
+                v = f"{v:,}"
+            t.add_row(k, str(v))
+        console.print(t)
+
+
+    @app.command()
+    def generate(model: str = typer.Argument(..., help=MODEL_HELP),
+                 prompt: str = typer.Option(..., help="prompt text"),
+                 plan: Optional[str] = typer.Option(None, help=PLAN_HELP + " (default: the hook's plan, else native)"),
+                 hook: Optional[Path] = typer.Option(None, help="hook artifact directory"),
+                 max_new_tokens: int = typer.Option(32, min=1, help="tokens to generate"),
+                 device: str = typer.Option("auto"),
+                 dtype: str = typer.Option("auto"),
+                 as_json: Optional[Path] = typer.Option(None, "--json", help="also write a JSON result here ('-' = stdout)")):
+        """Generate text (greedy) under a routing plan and print the per-layer Act table."""
+        import torch
+
+        mm = load_model(model, hook=hook, device=device, dtype=dtype)
+        with mm.routing(default_plan(mm, plan)) as patch:
+            enc = mm.encode(prompt)
+            with torch.no_grad():
+                out = mm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=mm.tokenizer.pad_token_id)
+            text = mm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            per_layer = patch.stats.act_per_layer()
+            result = {"model": model, "plan": patch.plan.describe(), "prompt": prompt, "text": text,
+                      "act": patch.stats.act(), "act_per_layer": per_layer, "rules": patch.per_layer()}
+        if as_json is not None and str(as_json) == "-":
+            write_json(result, None)
+            return
+        shown = "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text)
+        from rich.text import Text
+
+        console.print(Text.assemble((prompt, "bold"), shown))
+        console.print(act_table(per_layer, patch.per_layer()))
+        console.print(f"overall Act = {result['act']:.3f} (native k = {mm.native_top_k})")
+        if as_json is not None:
+            write_json(result, as_json)

@@ -1,0 +1,32 @@
+"""Quality under a plan: perplexity, multiple choice, lm-evaluation-harness tasks, with Act per layer.
+"""
+
+from .lm_eval import PRESETS, parse_tasks, task_manager, lm_eval_tasks
+from .mc import mc_requests, loglikelihoods, multiple_choice, load_mc_source
+from .perplexity import default_forward, perplexity_core, perplexity
+from .run import METRICS, evaluate, relative_drop
+from .scope import progress_bar, needs_calibration, routing_scope, eval_mode, hook_info, hook_signature, finish_result
+
+__all__ = [
+    "PRESETS",
+    "parse_tasks",
+    "task_manager",
+    "lm_eval_tasks",
+    "mc_requests",
+    "loglikelihoods",
+    "multiple_choice",
+    "load_mc_source",
+    "default_forward",
+    "perplexity_core",
+    "perplexity",
+    "METRICS",
+    "evaluate",
+    "relative_drop",
+    "progress_bar",
+    "needs_calibration",
+    "routing_scope",
+    "eval_mode",
+    "hook_info",
+    "hook_signature",
+    "finish_result",
+]

@@ -1,0 +1,170 @@
+"""Evaluation: perplexity, multiple-choice accuracy and the lm-evaluation-harness bridge.
+
+Every evaluation runs on one loaded :class:`~hookmoe.models.MoEModel` under a routing plan (applied and
+removed around the evaluation, so several plans are scored without re-loading the model; ``plan=None``
+means the plan already in force, else ``native``) and with whatever Hooks are attached. Every result is a
+JSON-able dict with the same core fields::
+
+    metric            "ppl" | "mc" | "lm-eval"
+    score             the headline number (perplexity, accuracy, or the mean of the task scores)
+    higher_is_better  False for perplexity
+    plan / rules      the plan (its description and JSON) and the rule in force in every MoE layer
+    act / act_per_layer   activated routed experts per token, overall and per MoE layer (measured)
+    params            accounting.param_counts with the measured per-layer Act (active vs total)
+    hook              the hooked layers (or None)
+
+plus the metric's own fields (``ppl``, ``nll``, ``tokens``; ``acc``, ``acc_norm``, ``items``; ``tasks``).
+
+Perplexity (:func:`perplexity`) scores token blocks from :func:`hookmoe.data.make_blocks` (non-overlapping
+windows; a block that starts with BOS keeps it as unscored context, and with ``window``/``stride`` every
+sliding window is re-prefixed with BOS, as Gemma needs). Multiple choice (:func:`multiple_choice`) ranks
+the choices by the log-likelihood of ``context + continuation`` (``acc``) and by that log-likelihood per
+character of the choice text (``acc_norm``, exactly as lm-eval does). :func:`lm_eval_tasks` wraps the loaded
+model in lm-eval's ``HFLM`` and calls ``lm_eval.simple_evaluate`` (optional extra ``hookmoe[eval]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+
+from hookmoe.routing.plan import Dynamic, Plan
+from hookmoe.routing.stats import RoutingStats
+from hookmoe.routing.patch import apply_plan
+
+
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar (on stderr) when ``enabled``; yields ``advance(n)``."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as prog:
+        task = prog.add_task(description, total=total)
+        yield lambda n=1: prog.advance(task, n)
+
+
+def needs_calibration(mm, plan: Any) -> bool:
+    """Whether ``plan`` holds a dynamic rule that must be fitted on data first (``naee``, ``entropy:ACT``)."""
+    if plan is None:
+        return False
+    rules = Plan.parse(plan).resolve(mm)
+    return any(isinstance(r, Dynamic) and not r.calibrated for r in rules.values())
+
+
+def _has_dynamic(mm, plan: Any) -> bool:
+    return any(isinstance(r, Dynamic) for r in Plan.parse(plan).resolve(mm).values())
+
+
+@contextlib.contextmanager
+def routing_scope(mm, plan: Any = None):
+    """Apply ``plan`` for the duration of the block and yield its patch (with fresh routing stats).
+
+    ``plan=None`` keeps the plan in force (its stats are swapped out and restored), or applies ``native``
+    when none is. A plan that was in force before is re-applied afterwards.
+    """
+    cur = getattr(mm, "_routing_patch", None)
+    active = cur is not None and getattr(cur, "_active", False)
+    if plan is None and active and getattr(cur, "_count", True):
+        saved = cur.stats
+        cur.stats = RoutingStats(mm.moe_layer_indices, mm.num_experts)
+        try:
+            yield cur
+        finally:
+            cur.stats = saved
+        return
+    prev_plan = cur.plan if active else None
+    patch = apply_plan(mm, plan if plan is not None else (prev_plan or "native"))
+    try:
+        yield patch
+    finally:
+        patch.remove()
+        if prev_plan is not None:
+            restored = apply_plan(mm, prev_plan)
+            if getattr(mm, "active_plan", None) is cur:
+                mm.active_plan = restored
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
+def hook_info(mm) -> dict | None:
+    """The attached Hooks (layers, params) or None."""
+    try:
+        from hookmoe.hook.inject import get_hooks
+    except ImportError:  # pragma: no cover - hook.py ships with the package
+        return None
+    hs = get_hooks(mm)
+    if hs is None or not any(getattr(h, "enabled", True) for h in hs.hooks.values()):
+        return None
+    info = {"layers": hs.layers, "params": hs.num_params()}
+    src = hs.manifest.get("source") or hs.manifest.get("directory") if hs.manifest else None
+    if src:
+        info["source"] = src
+    return info
+
+
+def hook_signature(mm) -> str:
+    """Identifies the attached Hooks and their current weights (for memoising scores)."""
+    try:
+        from hookmoe.hook.inject import get_hooks
+    except ImportError:  # pragma: no cover
+        return "none"
+    hs = get_hooks(mm)
+    if hs is None:
+        return "none"
+    with torch.no_grad():
+        s = sum(float(p.detach().double().abs().sum()) for p in hs.parameters())
+    return f"{id(hs)}:{hs.layers}:{s:.12g}"
+
+
+def finish_result(mm, patch, result: dict, *, act_per_layer: dict[int, float] | None = None) -> dict:
+    """Add plan, Act, params and hook fields to a metric result."""
+    from hookmoe.models.accounting import param_counts
+
+    per = act_per_layer if act_per_layer is not None else patch.stats.act_per_layer()
+    per = {int(i): float(a) for i, a in sorted(per.items())}
+    act = sum(per.values()) / len(per) if per else float("nan")
+    params = param_counts(mm, per or None)
+    hook = hook_info(mm)
+    idle = _idle_hook_params(mm) if hook is None else 0
+    if idle:  # Hooks inserted but disabled (or unused) take no part in this result
+        params = {k: (v - idle if k in ("total", "active") else v) for k, v in params.items()}
+    out = dict(result)
+    out.update({
+        "plan": patch.plan.describe(),
+        "plan_json": patch.plan.to_dict(),
+        "rules": {str(i): r for i, r in patch.per_layer().items()},
+        "act": act,
+        "act_per_layer": {str(i): a for i, a in per.items()},
+        "native_top_k": mm.native_top_k,
+        "params": params,
+        "hook": hook,
+    })
+    return out
+
+
+def _idle_hook_params(mm) -> int:
+    try:
+        from hookmoe.hook.inject import get_hooks
+    except ImportError:  # pragma: no cover
+        return 0
+    hs = get_hooks(mm)
+    return hs.num_params() if hs is not None else 0

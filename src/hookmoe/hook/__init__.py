@@ -1,0 +1,33 @@
+"""The Hook (HookMoE): the module, its injection before a layer's router, the artifact directory (PEFT-style), and
+export of a model with its plan and Hooks.
+"""
+
+from .artifact import WEIGHTS_NAME, CONFIG_NAME, base_model_info, read_manifest, read_weights
+from .export import EXPORT_FORMAT, EXPORT_NAME, export_model, load_export, load
+from .inject import SUBMODULE, HookSet, parse_layers, insert_hooks, remove_hooks, get_hooks, attach_hooks
+from .module import HOOK_FORMAT, INITS, DEFAULT_INIT, R_INIT, Hook
+
+__all__ = [
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+    "base_model_info",
+    "read_manifest",
+    "read_weights",
+    "EXPORT_FORMAT",
+    "EXPORT_NAME",
+    "export_model",
+    "load_export",
+    "load",
+    "SUBMODULE",
+    "HookSet",
+    "parse_layers",
+    "insert_hooks",
+    "remove_hooks",
+    "get_hooks",
+    "attach_hooks",
+    "HOOK_FORMAT",
+    "INITS",
+    "DEFAULT_INIT",
+    "R_INIT",
+    "Hook",
+]

@@ -1,0 +1,163 @@
+"""Hook training: every base weight frozen, only the Hook learns, while the model runs a reduced plan.
+
+Objectives (``objective=``):
+
+``kd`` (default)
+    KL(teacher || student) over the next-token distribution. The teacher is the same model under its
+    native routing with the Hook bypassed (no grad). By default (``kd_topk=32``) the teacher runs once
+    over all training blocks and its top-K log-probabilities are cached (K + 1 bins: the top K and "the
+    rest", so the loss is still a true KL between coarsened distributions; memory ``N·T·K·8`` bytes on
+    the CPU, capped by ``kd_cache_max_gb`` — above it, or when the run reads fewer blocks than it has,
+    the teacher is recomputed per batch);
+    ``kd_topk=None`` recomputes the exact full-vocabulary teacher every batch.
+``lm``
+    Next-token cross-entropy on the calibration text (the paper's LLaMA-Factory "pt" stage).
+``hidden``
+    Relative MSE ``|h_s − h_t|² / |h_t|²`` between the student's and the teacher's hidden states after
+    the final norm (``hidden_layer=None``) or after decoder layer ``hidden_layer`` (≥ the hooked layer).
+
+The defaults were measured (``benchmarks/hook_objectives.py`` → ``benchmarks/results/hook_objectives.json``,
+two pre-trained 6-layer tiny MoEs at ``topk:1``): ``kd`` was the only objective that closed the held-out
+KD gap on both models (10–17 % in 120 steps; ``hidden`` 6–18 %; ``lm`` moved the model *away* from
+the native one, −60 to −150 %, while fitting the text), and the top-32 cache made it 1.4× faster at the
+same recovery; ``zero`` init beat ``paper`` on average (and starts exactly at the no-hook model).
+
+Loop: AdamW (lr 1e-4 as in the paper), linear warm-up then cosine/linear/constant schedule, gradient
+clipping, gradient accumulation, bf16 autocast on CUDA, optional gradient checkpointing, validation
+(KD, LM and hidden losses on held-out blocks, plus the no-hook baseline at the start) every
+``eval_every`` steps with early stopping (``patience`` evaluations without improvement; the best weights
+are restored at the end), a rich progress bar (loss, tokens/s), ``train_log.jsonl`` and ``loss.png``.
+
+Checkpoints (``out_dir/checkpoint``, written to a temporary directory and moved into place with
+``os.replace``): ``hook.safetensors`` (weights), ``optimizer.safetensors`` (AdamW moments, RNG states,
+best weights) and ``trainer_state.json`` (step, data position, schedule, history, config). No pickle.
+``resume=True`` continues from there and ends with the same weights as an uninterrupted run.
+A NaN/inf loss or gradient stops training before the optimizer step (the weights stay at the last good
+step, which is checkpointed) with a one-line :class:`TrainingError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from hookmoe.hook.module import DEFAULT_INIT, INITS
+from hookmoe.hook.inject import HookSet
+from hookmoe.errors import TrainingError
+
+
+OBJECTIVES = ("lm", "kd", "hidden")
+
+
+DEFAULT_OBJECTIVE = "kd"  # measured: see benchmarks/results/hook_objectives.json
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+AMP_MODES = ("auto", "bf16", "off")
+
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+LOG_NAME = "train_log.jsonl"
+
+
+PLOT_NAME = "loss.png"
+
+
+TRAINER_STATE = "trainer_state.json"
+
+
+CKPT_FORMAT = "hookmoe-checkpoint/1"
+
+
+# Settings a resumed run must share with the checkpoint (others — steps, lr, eval/checkpoint cadence,
+# patience — may change on resume).
+_IDENTITY_KEYS = ("layers", "plan", "objective", "init", "inner_size", "batch_size", "grad_accum", "seed",
+                  "kd_temperature", "kd_topk", "hidden_layer", "weight_decay")
+
+
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a hook-training run (saved in the artifact and the checkpoint)."""
+
+    layers: list[int]
+    plan: dict
+    objective: str = DEFAULT_OBJECTIVE
+    steps: int | None = None  # optimizer steps; default from epochs
+    epochs: float | None = None  # passes over the training blocks (default 1 when steps is None)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: float = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    eval_every: int | None = None  # default: about 10 evaluations per run
+    patience: int | None = None  # early stopping: evaluations without improvement before stopping (None: never)
+    checkpoint_every: int | None = None  # default: eval_every
+    init: str = DEFAULT_INIT
+    inner_size: int | None = None
+    seed: int = 0
+    kd_temperature: float = 1.0
+    kd_topk: int | None = 32  # cache the teacher's top-K log-probs (None: exact teacher every batch)
+    kd_cache_max_gb: float = 4.0  # above this the top-K cache is skipped (teacher recomputed per batch)
+    hidden_layer: int | None = None
+    grad_checkpointing: bool = False
+    amp: str = "auto"
+    restore_best: bool = True
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise TrainingError(f"unknown objective '{self.objective}' (use one of: {', '.join(OBJECTIVES)})")
+        if self.init not in INITS:
+            raise TrainingError(f"unknown hook init '{self.init}' (use one of: {', '.join(INITS)})")
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(f"unknown schedule '{self.schedule}' (use one of: {', '.join(SCHEDULES)})")
+        if self.amp not in AMP_MODES:
+            raise TrainingError(f"unknown amp mode '{self.amp}' (use one of: {', '.join(AMP_MODES)})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainingError(f"lr must be a positive number, got {self.lr}")
+        if self.steps is not None and self.steps < 1:
+            raise TrainingError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise TrainingError(f"epochs must be > 0, got {self.epochs}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every", "kd_topk"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise TrainingError(f"{name} must be >= 1, got {v}")
+        if self.patience is not None and self.patience < 1:
+            raise TrainingError(f"patience must be >= 1 (or None to never stop early), got {self.patience}")
+        if not self.kd_temperature > 0:
+            raise TrainingError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.warmup < 0:
+            raise TrainingError(f"warmup must be >= 0, got {self.warmup}")
+        if self.hidden_layer is not None and self.hidden_layer < max(self.layers):
+            raise TrainingError(f"hidden_layer {self.hidden_layer} is below the hooked layer {max(self.layers)}: "
+                                "its hidden state does not depend on the Hook")
+
+
+@dataclass
+class TrainResult:
+    hookset: HookSet
+    history: list[dict]
+    metrics: dict
+    out_dir: Path | None = None
+    config: TrainConfig | None = None
