@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 setup: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

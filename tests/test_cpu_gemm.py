@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hookmoe.speed import cpu_gemm, runtime
+from hookmoe.kernels import cpu_gemm
+from hookmoe.speed import runtime
 from hookmoe.hook import load
 
 pytestmark = pytest.mark.skipif(not cpu_gemm._onednn_available(torch.float32), reason="torch built without oneDNN")

@@ -5,7 +5,7 @@
     with mm.routing("topk:1") as patch: ...       # see hookmoe.routing for plans
 """
 
-__version__ = "0.1.0"
+from hookmoe._version import __version__
 
 from hookmoe.errors import ArtifactError, ModelError, PlanError, UserError
 from hookmoe.hook import load

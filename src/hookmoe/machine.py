@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from hookmoe.speed import cpu_gemm
+from hookmoe.kernels import cpu_gemm
 
 
 def machine_info() -> dict:
@@ -33,7 +33,7 @@ def machine_info() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
     info["cpu_gemm"] = cpu_gemm.describe()
     try:
-        from hookmoe import __version__
+        from hookmoe._version import __version__
 
         info["hookmoe"] = __version__
     except ImportError:

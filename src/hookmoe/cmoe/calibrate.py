@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hookmoe import progress as progress_bars
+
 import time
 from typing import Any
 
@@ -11,7 +13,6 @@ import torch.nn.functional as F
 from hookmoe.models.cmoe import CMoESparseBlock, HookmoeCMoEForCausalLM
 from hookmoe.cmoe.distill import _finish_metrics, _kl_per_token, _only_trainable, heldout_kl
 from hookmoe.cmoe.convert import _decoder_layers
-from hookmoe.cmoe.convert import _progress
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def _gather_layer_data(
     device = next(cmoe_model.parameters()).device
     try:
         starts = range(0, blocks.shape[0], batch_size)
-        for s in _progress(starts, len(starts), "router calibration: gather", progress):
+        for s in progress_bars.iterate(starts, len(starts), "router calibration: gather", progress):
             cmoe_model(input_ids=blocks[s : s + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
@@ -209,7 +210,7 @@ def calibrate_routers(
     data = None
     with _only_trainable(cmoe_model, router_parameters(cmoe_model)):
         opt = torch.optim.Adam(router_parameters(cmoe_model), lr=lr)
-        for step in _progress(range(steps), steps, f"router calibration ({objective})", progress):
+        for step in progress_bars.iterate(range(steps), steps, f"router calibration ({objective})", progress):
             if local and (data is None or (refresh_every and step % refresh_every == 0)):
                 tg = time.perf_counter()
                 data = None

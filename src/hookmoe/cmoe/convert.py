@@ -20,13 +20,14 @@ partition the neurons); ``tests/test_convert.py`` checks this on every supported
 
 from __future__ import annotations
 
+from hookmoe import progress as progress_bars
+
 import copy
 import json
 import os
 import platform
 import time
 from contextlib import contextmanager
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from scipy.optimize import linear_sum_assignment
 from transformers.activations import ACT2FN
 
 from hookmoe.models.cmoe import SUPPORTED_BASE_TYPES, HookmoeCMoEConfig, HookmoeCMoEForCausalLM, dense_activation_name
-from hookmoe.speed.cpu_gemm import accelerate, linear
+from hookmoe.kernels.cpu_gemm import accelerate, linear
 
 
 # config keys of a loaded dense model that must not travel into the converted model's text_config
@@ -53,14 +54,6 @@ _DROP_CONFIG_KEYS = (
 # --------------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------------
-def _progress(iterable: Iterable, total: int | None, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
 def _decoder_layers(model) -> list:
@@ -159,7 +152,7 @@ def _profile_markers(model, calib_blocks: torch.LongTensor, activation_topk: int
     device = next(model.parameters()).device
     try:
         starts = range(0, calib_blocks.shape[0], batch_size)
-        for s in _progress(starts, len(starts), "CMoE profile", progress):
+        for s in progress_bars.iterate(starts, len(starts), "CMoE profile", progress):
             model(input_ids=calib_blocks[s : s + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
@@ -295,7 +288,7 @@ def convert_dense(
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     assignments = []
-    for top_idx in _progress(markers, len(markers), "CMoE cluster", progress):
+    for top_idx in progress_bars.iterate(markers, len(markers), "CMoE cluster", progress):
         assignments.append(_assign_layer(top_idx, ffn, num_experts, num_shared, size, kmeans_iters, gen))
     t_cluster = time.perf_counter() - t0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hookmoe import progress as progress_bars
+
 import math
 import time
 from contextlib import contextmanager
@@ -12,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from hookmoe.models.cmoe import HookmoeCMoEForCausalLM
-from hookmoe.cmoe.convert import _progress
 
 
 @contextmanager
@@ -182,7 +183,7 @@ def distill_moe(
     with _only_trainable(cmoe_model, params):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, steps))
-        bar = _progress(range(steps), steps, f"MoE fine-tune ({train})", progress)
+        bar = progress_bars.iterate(range(steps), steps, f"MoE fine-tune ({train})", progress)
         for _ in bar:
             pick = torch.randint(blocks.shape[0], (min(batch_size, blocks.shape[0]),), generator=gen)
             ids = blocks[pick].to(device)

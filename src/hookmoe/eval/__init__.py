@@ -5,7 +5,7 @@ from .lm_eval import PRESETS, parse_tasks, task_manager, lm_eval_tasks
 from .mc import mc_requests, loglikelihoods, multiple_choice, load_mc_source
 from .perplexity import default_forward, perplexity_core, perplexity
 from .run import METRICS, evaluate, relative_drop
-from .scope import progress_bar, needs_calibration, routing_scope, eval_mode, hook_info, hook_signature, finish_result
+from .scope import needs_calibration, hook_info, hook_signature, finish_result
 
 __all__ = [
     "PRESETS",
@@ -22,10 +22,7 @@ __all__ = [
     "METRICS",
     "evaluate",
     "relative_drop",
-    "progress_bar",
     "needs_calibration",
-    "routing_scope",
-    "eval_mode",
     "hook_info",
     "hook_signature",
     "finish_result",

@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 from hookmoe.errors import EvalError
-from hookmoe.eval.scope import eval_mode, finish_result, routing_scope
+from hookmoe.eval.scope import finish_result
+from hookmoe.routing.patch import eval_mode, routing_scope
 
 
 

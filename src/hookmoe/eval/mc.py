@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from hookmoe import progress as progress_bars
+
 import time
 from typing import Any, Sequence
 
 import torch
 from hookmoe.errors import EvalError
-from hookmoe.eval.scope import eval_mode, finish_result, progress_bar, routing_scope
+from hookmoe.eval.scope import finish_result
+from hookmoe.routing.patch import eval_mode, routing_scope
 
 
 
@@ -58,7 +61,7 @@ def loglikelihoods(mm, reqs: Sequence[tuple], *, batch_size: int = 16, progress:
     out = [0.0] * len(reqs)
     dev = mm.device
     n_batches = -(-len(order) // batch_size)
-    with eval_mode(mm.model), progress_bar(progress, description, n_batches) as advance:
+    with eval_mode(mm.model), progress_bars.bar(progress, description, n_batches) as advance:
         for b in range(n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
             width = max(len(reqs[i][2]) for i in idx)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hookmoe import progress as progress_bars
+
 import math
 import time
 from typing import Any, Callable
@@ -9,7 +11,8 @@ from typing import Any, Callable
 import torch
 from torch.nn import functional as F
 from hookmoe.errors import EvalError
-from hookmoe.eval.scope import eval_mode, finish_result, progress_bar, routing_scope
+from hookmoe.eval.scope import finish_result
+from hookmoe.routing.patch import eval_mode, routing_scope
 
 
 
@@ -79,7 +82,7 @@ def perplexity_core(mm, blocks: torch.Tensor, *, batch_size: int = 8, window: in
     total_nll = torch.zeros((), dtype=torch.float64)
     tokens = 0
     dev = mm.device
-    with eval_mode(mm.model), progress_bar(progress, description, n_batches * len(spans)) as advance:
+    with eval_mode(mm.model), progress_bars.bar(progress, description, n_batches * len(spans)) as advance:
         for bi in range(n_batches):
             batch = blocks[bi * batch_size:(bi + 1) * batch_size].to(dev)
             stream = batch[:, 1:] if bos else batch

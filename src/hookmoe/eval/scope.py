@@ -25,32 +25,16 @@ model in lm-eval's ``HFLM`` and calls ``lm_eval.simple_evaluate`` (optional extr
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator
+
+from typing import Any
 
 import torch
 
 from hookmoe.routing.plan import Dynamic, Plan
-from hookmoe.routing.stats import RoutingStats
-from hookmoe.routing.patch import apply_plan
 
 
 
 
-@contextlib.contextmanager
-def progress_bar(enabled: bool, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar (on stderr) when ``enabled``; yields ``advance(n)``."""
-    if not enabled:
-        yield lambda n=1: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as prog:
-        task = prog.add_task(description, total=total)
-        yield lambda n=1: prog.advance(task, n)
 
 
 def needs_calibration(mm, plan: Any) -> bool:
@@ -65,44 +49,8 @@ def _has_dynamic(mm, plan: Any) -> bool:
     return any(isinstance(r, Dynamic) for r in Plan.parse(plan).resolve(mm).values())
 
 
-@contextlib.contextmanager
-def routing_scope(mm, plan: Any = None):
-    """Apply ``plan`` for the duration of the block and yield its patch (with fresh routing stats).
-
-    ``plan=None`` keeps the plan in force (its stats are swapped out and restored), or applies ``native``
-    when none is. A plan that was in force before is re-applied afterwards.
-    """
-    cur = getattr(mm, "_routing_patch", None)
-    active = cur is not None and getattr(cur, "_active", False)
-    if plan is None and active and getattr(cur, "_count", True):
-        saved = cur.stats
-        cur.stats = RoutingStats(mm.moe_layer_indices, mm.num_experts)
-        try:
-            yield cur
-        finally:
-            cur.stats = saved
-        return
-    prev_plan = cur.plan if active else None
-    patch = apply_plan(mm, plan if plan is not None else (prev_plan or "native"))
-    try:
-        yield patch
-    finally:
-        patch.remove()
-        if prev_plan is not None:
-            restored = apply_plan(mm, prev_plan)
-            if getattr(mm, "active_plan", None) is cur:
-                mm.active_plan = restored
 
 
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
 
 
 def hook_info(mm) -> dict | None:

@@ -12,7 +12,7 @@ import torch
 
 from hookmoe.errors import ArtifactError
 
-from hookmoe.hook.module import DEFAULT_INIT, HOOK_FORMAT, INITS
+from hookmoe.hook.module import HOOK_FORMAT
 
 
 WEIGHTS_NAME = "hook.safetensors"

@@ -75,7 +75,7 @@ def export_model(mm, out: str | Path, *, plan: Any = None, hook: str | Path | Ho
         if hs is not None:
             hs.save_pretrained(tmp / "hook")
         plan_obj.save(tmp / "plan.json")
-        from hookmoe import __version__
+        from hookmoe._version import __version__
 
         _write_json_atomic(tmp / EXPORT_NAME, {
             "format": EXPORT_FORMAT,

@@ -163,7 +163,7 @@ class HookSet:
         """Write ``hook.safetensors`` + ``hookmoe.json`` to ``directory`` (atomically per file)."""
         from safetensors.torch import save_file
 
-        from hookmoe import __version__
+        from hookmoe._version import __version__
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hookmoe.speed.cpu_gemm import linear
+from hookmoe.kernels.cpu_gemm import linear
 from hookmoe.errors import ArtifactError
 
 

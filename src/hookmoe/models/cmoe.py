@@ -38,7 +38,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3TextModel
 from transformers.models.llama.modeling_llama import LlamaModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
-from hookmoe.speed.cpu_gemm import linear
+from hookmoe.kernels.cpu_gemm import linear
 
 __all__ = [
     "CMOE_MODEL_TYPE",

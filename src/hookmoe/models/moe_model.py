@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hookmoe.speed import cpu_gemm
+from hookmoe.kernels import cpu_gemm
 from hookmoe.compat import experts_implementation
 from hookmoe.errors import ModelError
 from hookmoe.models.adapters import ADAPTERS, _refusal

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hookmoe import progress as progress_bars
+
 import math
 import time
 from dataclasses import dataclass, replace
@@ -12,7 +14,7 @@ import torch
 
 from hookmoe.compat import split_router_output
 from hookmoe.errors import PlanError
-from hookmoe.eval.scope import eval_mode, progress_bar, routing_scope
+from hookmoe.routing.patch import eval_mode, routing_scope
 from hookmoe.routing.plan import Dynamic, Plan, TopK
 from hookmoe.routing.rules import router_probs
 from hookmoe.errors import SearchError
@@ -66,7 +68,7 @@ def collect_router_stats(mm, blocks: torch.Tensor, *, plan: Any = "native", batc
                 handles.append(layer.router.register_forward_hook(make(layer.index), prepend=True))
             blocks = blocks.long()
             n_b = -(-blocks.shape[0] // batch_size)
-            with progress_bar(progress, "router statistics", n_b) as advance:
+            with progress_bars.bar(progress, "router statistics", n_b) as advance:
                 for batch in _batches(blocks, batch_size):
                     _forward_stack(mm, batch.to(mm.device))
                     advance(1)
@@ -191,7 +193,7 @@ def calibrate_plan(mm, plan: Any, blocks: torch.Tensor, target_act: float | None
         return measure_act(mm, plan_from_rules(rs), blocks, batch_size=batch_size)
 
     candidates = {i: (TopK(_cap(mm, r)) if i in dyn else r) for i, r in rules.items()}
-    with progress_bar(progress, f"calibrating {p.describe()}", None) as advance:
+    with progress_bars.bar(progress, f"calibrating {p.describe()}", None) as advance:
         # naee: per-layer medians of p2/p1, then a common scale for a target Act
         naee = {i: r for i, r in dyn.items() if r.kind == "naee"}
         if naee:

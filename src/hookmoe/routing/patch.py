@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 import torch
@@ -162,3 +164,43 @@ def apply_plan(mm, plan: Any = "native", *, count: bool = True) -> RoutingPatch:
                 "hookmoe.search.calibrate_plan) or give the value, e.g. naee:0.3 or entropy:t=1.2/1.6"
             )
     return RoutingPatch(mm, p, rules, count=count)._apply()
+
+
+@contextlib.contextmanager
+def routing_scope(mm, plan: Any = None):
+    """Apply ``plan`` for the duration of the block and yield its patch (with fresh routing stats).
+
+    ``plan=None`` keeps the plan in force (its stats are swapped out and restored), or applies ``native``
+    when none is. A plan that was in force before is re-applied afterwards.
+    """
+    cur = getattr(mm, "_routing_patch", None)
+    active = cur is not None and getattr(cur, "_active", False)
+    if plan is None and active and getattr(cur, "_count", True):
+        saved = cur.stats
+        cur.stats = RoutingStats(mm.moe_layer_indices, mm.num_experts)
+        try:
+            yield cur
+        finally:
+            cur.stats = saved
+        return
+    prev_plan = cur.plan if active else None
+    patch = apply_plan(mm, plan if plan is not None else (prev_plan or "native"))
+    try:
+        yield patch
+    finally:
+        patch.remove()
+        if prev_plan is not None:
+            restored = apply_plan(mm, prev_plan)
+            if getattr(mm, "active_plan", None) is cur:
+                mm.active_plan = restored
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)

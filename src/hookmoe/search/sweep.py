@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from hookmoe import progress as progress_bars
+
 import csv
 import time
 from pathlib import Path
 
 import torch
 
-from hookmoe.eval.scope import eval_mode, finish_result, progress_bar, routing_scope
+from hookmoe.eval.scope import finish_result
+from hookmoe.routing.patch import eval_mode, routing_scope
 from hookmoe.eval.perplexity import perplexity_core
 from hookmoe.errors import SearchError
 from hookmoe.routing.partial import _batches, run_partial
@@ -61,7 +64,7 @@ def sweep(mm, scorer: Scorer, *, group: int | None = None, k: int | None = None,
     use_cache = bool(cache and scorer.metric == "ppl" and not scorer.eval_kw.get("window")
                      and not scorer.eval_kw.get("stride"))
     rows = []
-    with progress_bar(progress, f"sweep ({len(plans)} plans)", len(plans)) as advance:
+    with progress_bars.bar(progress, f"sweep ({len(plans)} plans)", len(plans)) as advance:
         if not use_cache:
             for p in plans:
                 res = scorer(p["plan"])

@@ -3,7 +3,6 @@
 
 from .bench import BENCH_FORMAT, DEFAULT_LENGTHS, DEFAULT_LENGTHS_TEXT, Variant, parse_variants, BenchConfig, bench
 from .cost import attention_score_flops, cost_model, prefill_flops, kv_bytes_per_step
-from .cpu_gemm import BACKENDS, ENV, MIN_MACS, AUTO_MARGIN, BWD_MIN_ROWS, GW_COPY_MAX, backend, set_backend, uses_onednn, describe, linear, accelerate, restore, ATTN_NAME, ATTN_BLOCK, ATTN_MIN_LEN, causal_attention, attention_forward, register_attention
 from .report import results_table, extra_tables, plot
 from .runtime import IMPL_NAME, SMALL_SLOTS, PER_EXPERT_MIN_MACS, host_experts_forward, device_experts_forward, experts_forward, register, set_experts, sync, CLOCKS, clock_fn, Generation, LEAN_MODEL_TYPES, Runtime, reference_generate
 from .shapes import PRESETS, scale_config, random_model
@@ -20,25 +19,6 @@ __all__ = [
     "cost_model",
     "prefill_flops",
     "kv_bytes_per_step",
-    "BACKENDS",
-    "ENV",
-    "MIN_MACS",
-    "AUTO_MARGIN",
-    "BWD_MIN_ROWS",
-    "GW_COPY_MAX",
-    "backend",
-    "set_backend",
-    "uses_onednn",
-    "describe",
-    "linear",
-    "accelerate",
-    "restore",
-    "ATTN_NAME",
-    "ATTN_BLOCK",
-    "ATTN_MIN_LEN",
-    "causal_attention",
-    "attention_forward",
-    "register_attention",
     "results_table",
     "extra_tables",
     "plot",

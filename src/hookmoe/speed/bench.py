@@ -31,7 +31,8 @@ per-token work and the theoretical limits equal the real model's) so the shapes 
 
 from __future__ import annotations
 
-import contextlib
+from hookmoe import progress as progress_bars
+
 import math
 import os
 import statistics
@@ -213,27 +214,6 @@ class BenchConfig:
             raise BenchError(f"--decode-tokens must be greedy or random, got '{self.decode_tokens}'")
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str, total: int):
-    """A rich progress bar on stderr that redraws only between measurements (no refresh thread taking CPU
-    time while a variant is timed)."""
-    if not enabled:
-        yield lambda n=1: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
-        task = prog.add_task(description, total=total)
-        prog.refresh()
-
-        def advance(n=1):
-            prog.advance(task, n)
-            prog.refresh()
-
-        yield advance
 
 
 def _max_positions(mm) -> int | None:
@@ -293,7 +273,7 @@ def bench(mm, variants: Sequence[Variant], cfg: BenchConfig | None = None, *, pr
             info[v.label] = _variant_info(mm, v, cfg, itl_ids, impls, lambda ids, n, v=v: run(v, ids, n))
         samples: dict[str, dict[str, list[float]]] = {v.label: {} for v in variants}
         total = (cfg.warmup + cfg.repeats * (len(lengths) + (1 if cfg.new_tokens else 0))) * len(variants)
-        with _progress(progress, "benchmarking", total) as advance:
+        with progress_bars.bar(progress, "benchmarking", total, auto_refresh=False) as advance:
             for _ in range(cfg.warmup):
                 for v in variants:
                     with _Activation(mm, v, impls):

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from hookmoe.speed import cpu_gemm
+from hookmoe.kernels import cpu_gemm
 from hookmoe.errors import RuntimeOptionError
 
 IMPL_NAME = "hookmoe"
