@@ -5,7 +5,8 @@ Plots use matplotlib's object API with the Agg canvas (no pyplot state, no displ
 
 from __future__ import annotations
 
-import json
+from hookmoe.files import json_default as _json_default, write_json  # noqa: F401  (re-exported)
+
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -48,26 +49,8 @@ def pct(x: float | None, digits: int = 2) -> str:
     return f"{100 * x:+.{digits}f}%"
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    return path
 
 
-def _json_default(o: Any):
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if isinstance(o, Path):
-        return str(o)
-    try:
-        import torch
-
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(o)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -99,6 +99,26 @@ def act_table(per_layer: dict, plan_per_layer: dict | None = None, title: str = 
     return t
 
 
+def _invoke(argv: List[str]):
+    """Resolve ``--config FILE.yaml`` into the command's defaults, then run the click command tree."""
+    from typer.main import get_command
+
+    from hookmoe.cli.config import command_name, load_config, record_resolved, split_config
+
+    argv, config = split_config(argv)
+    group = get_command(app)
+    for name in group.list_commands(None):
+        record_resolved(group.get_command(None, name))
+    default_map = None
+    if config is not None:
+        name = command_name(argv)
+        command = group.get_command(None, name) if name else None
+        if command is None:
+            raise UserError("--config needs a command before it, e.g. `hookmoe train --config recipe.yaml`")
+        default_map = {name: load_config(config, command)}
+    return group.main(args=argv, prog_name="hookmoe", standalone_mode=False, default_map=default_map)
+
+
 def run(argv: Optional[List[str]] = None) -> None:
     """Run ``app`` with hookmoe's error conventions (one ``error:`` line and exit 2 for bad input)."""
     try:  # typer >= 0.20 vendors its own click
@@ -107,7 +127,7 @@ def run(argv: Optional[List[str]] = None) -> None:
         from click import exceptions as click_exc
 
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = _invoke(list(sys.argv[1:] if argv is None else argv))
     except UserError as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except click_exc.NoArgsIsHelpError as e:

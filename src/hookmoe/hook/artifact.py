@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from hookmoe.files import json_default as _json_default, write_json as _write_json_atomic  # noqa: F401
+
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -127,20 +128,5 @@ def _sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
 
 
-def _json_default(o: Any):
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, torch.dtype):
-        return str(o).replace("torch.", "")
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
