@@ -1,8 +1,9 @@
 """``--config FILE.yaml`` for every command, and the resolved configuration written beside a command's outputs.
 
-A config file holds the command's options by their names (``lr: 1e-3`` or ``hook-steps: 40``; the positional MODEL
+A config file holds the command's options by their names or flags (``lr: 1e-3`` or ``hook-steps: 40``; the positional MODEL
 is ``model``). Its values become the command's defaults; flags typed on the command line override them. Unknown keys
-are refused with their name. After a command that writes into an output directory (``--out DIR``) succeeds, the
+are refused with their name. A recipe (``recipes/*.yaml``) holds one such mapping per command under ``commands:``
+(``commands: {train: {...}, eval: {...}}``); each command reads its own section. After a command that writes into an output directory (``--out DIR``) succeeds, the
 fully resolved options (file + flags + defaults) are written to ``DIR/hookmoe_config.yaml``: running
 ``hookmoe CMD --config DIR/hookmoe_config.yaml`` repeats the run.
 """
@@ -17,6 +18,7 @@ from typing import Any
 from hookmoe.errors import UserError
 
 RESOLVED_NAME = "hookmoe_config.yaml"
+COMMANDS_KEY = "commands"  # recipes hold one section of options per command under this key
 _SKIP = {"config", "overwrite", "resume"}  # flags that steer one invocation, not the run's settings
 
 
@@ -59,12 +61,22 @@ def load_config(path: str, command: Any) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"--config: {path} must hold a mapping of option names to values")
+    if COMMANDS_KEY in data:  # a recipe: one section per command
+        sections = data[COMMANDS_KEY]
+        if not isinstance(sections, dict) or command.name not in sections:
+            raise UserError(f"--config: {path} has no section for 'hookmoe {command.name}' under '{COMMANDS_KEY}'")
+        data = sections[command.name] or {}
+        if not isinstance(data, dict):
+            raise UserError(f"--config: section '{command.name}' of {path} must be a mapping")
     params = {prm.name: prm for prm in command.params}
+    aliases = {o.lstrip("-").replace("-", "_"): prm.name for prm in command.params for o in getattr(prm, "opts", [])
+               if o.startswith("--")}
     values: dict[str, Any] = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_").lstrip("_")
+        name = str(key).lstrip("-").replace("-", "_")
+        name = aliases.get(name, name)
         if name not in params or name in _SKIP:
-            known = ", ".join(sorted(n for n in params if n not in _SKIP))
+            known = ", ".join(sorted(n for n in aliases if aliases[n] not in _SKIP))
             raise UserError(f"--config: unknown key '{key}' in {path} for 'hookmoe {command.name}' (known: {known})")
         prm = params[name]
         if getattr(prm, "multiple", False) and not isinstance(value, list):
