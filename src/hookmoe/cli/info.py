@@ -19,18 +19,34 @@ def register_cli(app) -> None:
     def info(model: str = typer.Argument(..., help=MODEL_HELP),
              as_json: bool = typer.Option(False, "--json", help="print JSON"),
              device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-             dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16")):
-        """Architecture, layers, experts, native k, shared experts, total/active parameters."""
-        mm = load_model(model, device=device, dtype=dtype)
-        d = mm.info()
+             dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (--memory: auto = bf16; "
+                                       "also fp8, int8, int4)"),
+             memory: bool = typer.Option(False, "--memory", help="memory estimate from the config alone (no weights)"),
+             plan: Optional[str] = typer.Option(None, help="--memory: " + PLAN_HELP + " (default native)"),
+             batch: int = typer.Option(1, help="--memory: sequences per step"),
+             seq_len: int = typer.Option(2048, help="--memory: tokens per sequence"),
+             gpu_memory: float = typer.Option(80.0, help="--memory: GiB per GPU for the device suggestion"),
+             gpus: Optional[int] = typer.Option(None, help="--memory: also check the fit on this many GPUs"),
+             hook_layer: Optional[str] = typer.Option(None, help="--memory: Hook layer(s), e.g. 14 or 14,20 "
+                                                      "(default: the middle MoE layer)")):
+        """Architecture, layers, experts, native k, shared experts, total/active parameters (--memory: bytes)."""
+        if memory:  # from the config alone: no weights are loaded
+            from hookmoe.models.memory import estimate_memory, memory_rows, parse_layers
+
+            d = estimate_memory(model, dtype="bf16" if dtype == "auto" else dtype, plan=plan, batch=batch,
+                                seq_len=seq_len, hook_layers=parse_layers(hook_layer), gpu_memory_gib=gpu_memory,
+                                devices=gpus)
+            rows = None if as_json else memory_rows(d)
+        else:
+            mm = load_model(model, device=device, dtype=dtype)
+            d = mm.info()
+            rows = [(k, f"{v:,}" if isinstance(v, int) and k.startswith("params") else str(v)) for k, v in d.items()]
         if as_json:
             write_json(d, None)
             return
-        t = Table(title=f"hookmoe info: {model}", show_header=False)
-        for k, v in d.items():
-            if isinstance(v, int) and k.startswith("params"):
-                v = f"{v:,}"
-            t.add_row(k, str(v))
+        t = Table(title=f"hookmoe info{' --memory' if memory else ''}: {model}", show_header=False)
+        for k, v in rows:
+            t.add_row(k, v)
         console.print(t)
 
 

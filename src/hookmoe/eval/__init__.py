@@ -1,6 +1,7 @@
 """Quality under a plan: perplexity, multiple choice, lm-evaluation-harness tasks, with Act per layer.
 """
 
+# hookmoe.eval.lm_eval_model (the registered `hookmoe` lm-eval model) is imported on demand: lm-eval is optional.
 from .lm_eval import PRESETS, parse_tasks, task_manager, lm_eval_tasks
 from .mc import mc_requests, loglikelihoods, multiple_choice, load_mc_source
 from .perplexity import default_forward, perplexity_core, perplexity

@@ -86,8 +86,7 @@ def task_manager(include_path: Any = None, needed: Iterable[str] = (), include_d
 
 
 def _hflm(mm, batch_size: int, max_length: int | None):
-    from lm_eval.models.huggingface import HFLM
-
+    from hookmoe.eval.lm_eval_model import HookMoELM  # the `hookmoe` lm-eval model (counts Act on real tokens only)
     from hookmoe.data.blocks import needs_bos
 
     key = (batch_size, max_length)
@@ -99,7 +98,7 @@ def _hflm(mm, batch_size: int, max_length: int | None):
     kw: dict[str, Any] = {"batch_size": batch_size, "device": str(mm.device), "add_bos_token": needs_bos(mm.tokenizer)}
     if max_length:
         kw["max_length"] = max_length
-    lm = HFLM(pretrained=mm.model, tokenizer=mm.tokenizer, **kw)
+    lm = HookMoELM(pretrained=mm, tokenizer=mm.tokenizer, **kw)
     mm._hookmoe_hflm = (key, lm)
     return lm
 
