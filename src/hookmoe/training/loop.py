@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""The Hook-training loop: everything frozen but the Hooks, the reduced plan applied, objectives kd / lm / hidden,
+validation with early stopping, bit-exact checkpoint/resume. :func:`train_hook` is the entry; :class:`HookTraining`
+holds one run's steps."""
 
 from __future__ import annotations
 
@@ -236,291 +238,373 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
     ``on_step(step, record)`` is called after each optimizer step.
     """
     from hookmoe.routing.plan import Plan
-    from hookmoe.routing.patch import apply_plan
 
-    layer_list = parse_layers(layers, mm)
-    plan_obj = Plan.parse(plan)
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"train_hook got unknown options: {', '.join(sorted(unknown))}")
-    cfg = TrainConfig(layers=layer_list, plan=plan_obj.to_dict(), objective=objective, steps=steps, epochs=epochs,
-                      lr=lr, batch_size=batch_size, **options)
+    plan_obj = Plan.parse(plan)
+    cfg = TrainConfig(layers=parse_layers(layers, mm), plan=plan_obj.to_dict(), objective=objective, steps=steps,
+                      epochs=epochs, lr=lr, batch_size=batch_size, **options)
     cfg.validate()
-    if not torch.is_tensor(train_blocks) or train_blocks.dim() != 2:
-        raise TrainingError("train_blocks must be a [n_blocks, block_len] tensor of token ids")
-    n_train = train_blocks.shape[0]
-    if n_train < cfg.batch_size:
-        raise TrainingError(f"{n_train} training blocks are fewer than one batch ({cfg.batch_size}); "
-                            "use more samples or a smaller batch size")
-    if train_blocks.shape[1] < 2:
-        raise TrainingError("training blocks need at least 2 tokens")
-    nb = n_train // cfg.batch_size
-    total = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1.0) * nb / cfg.grad_accum))
-    eval_every = cfg.eval_every or max(1, total // 10)
-    ckpt_every = cfg.checkpoint_every or eval_every
-    out = Path(out_dir) if out_dir is not None else None
-    if resume and out is None:
-        raise TrainingError("resume needs the output directory of the interrupted run")
-    data_digest = _blocks_digest(train_blocks)
+    run = HookTraining(mm, cfg, plan_obj, train_blocks, val_blocks, out_dir=out_dir, resume=resume,
+                       data_info=data_info)
+    return run.fit(progress=progress, on_step=on_step)
 
-    # ---- resume: read the checkpoint before touching the model -------------------------------
-    ckpt = None
-    if resume:
+
+@dataclasses.dataclass
+class _Progress:
+    """What a run has done so far; checkpointed, so that a resumed run continues exactly where it stopped."""
+
+    step: int = 0
+    micro: int = 0  # micro-batches consumed (the data order is a function of it)
+    tokens: int = 0
+    train_time: float = 0.0
+    elapsed0: float = 0.0  # wall time of earlier segments of a resumed run
+    best_val: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    best_w: dict[str, torch.Tensor] | None = None
+    baseline: dict | None = None
+    history: list[dict] = dataclasses.field(default_factory=list)
+    stopped_early: bool = False
+
+
+class HookTraining:
+    """One Hook-training run, in its real steps: set-up (:meth:`__init__`: checks, resume, Hooks inserted and the
+    base frozen), :meth:`fit` (teacher cache, baseline, then :meth:`_step` / :meth:`_validate` / :meth:`_checkpoint`
+    per optimizer step) and :meth:`_finish` (best weights, metrics, artifact). :func:`train_hook` is the entry."""
+
+    def __init__(self, mm, cfg: TrainConfig, plan, train_blocks: torch.Tensor, val_blocks: torch.Tensor | None, *,
+                 out_dir: str | Path | None = None, resume: bool = False, data_info: dict | None = None):
+        self.mm, self.cfg, self.plan = mm, cfg, plan
+        self.train_blocks, self.val_blocks, self.data_info = train_blocks, val_blocks, data_info
+        self.out = Path(out_dir) if out_dir is not None else None
+        self._check_data()
+        n_batches = self.n_train // cfg.batch_size
+        self.total = cfg.steps if cfg.steps is not None else \
+            max(1, math.ceil((cfg.epochs or 1.0) * n_batches / cfg.grad_accum))
+        self.eval_every = cfg.eval_every or max(1, self.total // 10)
+        self.ckpt_every = cfg.checkpoint_every or self.eval_every
+        self.data_digest = _blocks_digest(train_blocks)
+        ckpt = self._read_resume_checkpoint() if resume else self._check_fresh_output(resume)
+        self._setup_model()
+        self.state = _Progress()
+        if ckpt is not None:
+            self._restore(ckpt)
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _rewrite_log(self.out / LOG_NAME, self.state.history)
+        self.val_cache: list | None = [] if val_blocks is not None and _small(val_blocks, mm) else None
+        self.kd_teacher: str | None = None
+        self.teacher_cache = None
+
+    # ---- set-up ----------------------------------------------------------------------------------
+    def _check_data(self) -> None:
+        blocks, bs = self.train_blocks, self.cfg.batch_size
+        if not torch.is_tensor(blocks) or blocks.dim() != 2:
+            raise TrainingError("train_blocks must be a [n_blocks, block_len] tensor of token ids")
+        self.n_train = blocks.shape[0]
+        if self.n_train < bs:
+            raise TrainingError(f"{self.n_train} training blocks are fewer than one batch ({bs}); "
+                                "use more samples or a smaller batch size")
+        if blocks.shape[1] < 2:
+            raise TrainingError("training blocks need at least 2 tokens")
+
+    def _read_resume_checkpoint(self):
+        """The checkpoint to resume from, read before touching the model; refused if the run differs."""
+        out = self.out
+        if out is None:
+            raise TrainingError("resume needs the output directory of the interrupted run")
         d = _find_checkpoint(out)
         if d is None:
             raise ArtifactError(f"nothing to resume: {out} holds no checkpoint")
         ckpt = _read_checkpoint(d)
-        old_cfg = ckpt[0].get("config", {})
-        new_cfg = cfg.to_dict()
+        old_cfg, new_cfg = ckpt[0].get("config", {}), self.cfg.to_dict()
         diff = [k for k in _IDENTITY_KEYS if old_cfg.get(k) != new_cfg.get(k)]
         if diff:
             k = diff[0]
             raise ArtifactError(f"cannot resume: the checkpoint in {out} was made with {k}={old_cfg.get(k)!r}, "
                                 f"this run has {k}={new_cfg.get(k)!r}")
-        if ckpt[0].get("data_digest") != data_digest:
+        if ckpt[0].get("data_digest") != self.data_digest:
             raise ArtifactError(f"cannot resume: the checkpoint in {out} was trained on different calibration data")
-    elif out is not None and _find_checkpoint(out) is not None:
-        raise TrainingError(f"{out} already holds a training checkpoint; pass resume to continue it or choose "
-                            "another output directory")
+        return ckpt
 
-    # ---- model setup ----------------------------------------------------------------------------
-    _hidden_module(mm, cfg.hidden_layer)  # validates hidden_layer
-    if cfg.grad_checkpointing and not getattr(mm.model, "supports_gradient_checkpointing", False):
-        raise TrainingError("this model does not support gradient checkpointing")
-    prev_patch = getattr(mm, "_routing_patch", None)
-    prev_plan = prev_patch.plan if prev_patch is not None and prev_patch._active else None
-    try:  # validate the plan (layer range, calibration) before touching the model; replaces any plan in force
-        apply_plan(mm, plan_obj, count=False).remove()
-    except BaseException:
-        if prev_plan is not None:
-            mm.active_plan = apply_plan(mm, prev_plan)
-        raise
-    hs = insert_hooks(mm, layer_list, cfg.inner_size, cfg.init, seed=cfg.seed, dtype=torch.float32)
-    hook_ids = {id(p) for p in hs.parameters()}
-    frozen = [(p, p.requires_grad) for p in mm.model.parameters() if id(p) not in hook_ids]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    hs.requires_grad_(True)
-    was_training = mm.model.training
-    mm.model.eval()
-    gc_layers = []
-    if cfg.grad_checkpointing:
-        if hasattr(mm.model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            mm.model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            mm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for layer in mm.decoder_layers:  # checkpointing runs only when the layer is in training mode; set
-            layer.training = True       # it on the layer itself so dropout etc. inside stay in eval mode
-            gc_layers.append(layer)
-    routing = _Routing(mm, plan_obj)
-    opt = torch.optim.AdamW(list(hs.parameters()), lr=cfg.lr, betas=tuple(cfg.betas),
-                            weight_decay=cfg.weight_decay)
-    dev = mm.device
-    cap = _Capture(_hidden_module(mm, cfg.hidden_layer)) if cfg.objective == "hidden" else None
+    def _check_fresh_output(self, resume: bool) -> None:
+        if self.out is not None and _find_checkpoint(self.out) is not None:
+            raise TrainingError(f"{self.out} already holds a training checkpoint; pass resume to continue it or "
+                                "choose another output directory")
+        return None
 
-    history: list[dict] = []
-    step = 0
-    micro = 0
-    tokens = 0
-    train_time = 0.0
-    elapsed0 = 0.0
-    best_val = math.inf
-    best_step = 0
-    bad_evals = 0
-    best_w: dict[str, torch.Tensor] | None = None
-    baseline: dict | None = None
-    stopped_early = False
-    if ckpt is not None:
+    def _setup_model(self) -> None:
+        """Validate the plan, insert the Hooks, freeze everything else, set up routing and the optimizer."""
+        from hookmoe.routing.patch import apply_plan
+
+        mm, cfg = self.mm, self.cfg
+        _hidden_module(mm, cfg.hidden_layer)  # validates hidden_layer
+        if cfg.grad_checkpointing and not getattr(mm.model, "supports_gradient_checkpointing", False):
+            raise TrainingError("this model does not support gradient checkpointing")
+        prev_patch = getattr(mm, "_routing_patch", None)
+        self.prev_plan = prev_patch.plan if prev_patch is not None and prev_patch._active else None
+        try:  # validate the plan (layer range, calibration) before touching the model; replaces any plan in force
+            apply_plan(mm, self.plan, count=False).remove()
+        except BaseException:
+            if self.prev_plan is not None:
+                mm.active_plan = apply_plan(mm, self.prev_plan)
+            raise
+        self.hs = hs = insert_hooks(mm, cfg.layers, cfg.inner_size, cfg.init, seed=cfg.seed, dtype=torch.float32)
+        hook_ids = {id(p) for p in hs.parameters()}
+        self.frozen = [(p, p.requires_grad) for p in mm.model.parameters() if id(p) not in hook_ids]
+        for p, _ in self.frozen:
+            p.requires_grad_(False)
+        hs.requires_grad_(True)
+        self.was_training = mm.model.training
+        mm.model.eval()
+        self.gc_layers = []
+        if cfg.grad_checkpointing:
+            if hasattr(mm.model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                mm.model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                mm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for layer in mm.decoder_layers:  # checkpointing runs only when the layer is in training mode; set
+                layer.training = True       # it on the layer itself so dropout etc. inside stay in eval mode
+                self.gc_layers.append(layer)
+        self.routing = _Routing(mm, self.plan)
+        self.opt = torch.optim.AdamW(list(hs.parameters()), lr=cfg.lr, betas=tuple(cfg.betas),
+                                     weight_decay=cfg.weight_decay)
+        self.cap = _Capture(_hidden_module(mm, cfg.hidden_layer)) if cfg.objective == "hidden" else None
+
+    def _restore(self, ckpt) -> None:
         st, hook_w, opt_t = ckpt
         try:
-            hs.load_state_dict(hook_w)
-            _load_optimizer(opt, opt_t, st["param_groups"])
+            self.hs.load_state_dict(hook_w)
+            _load_optimizer(self.opt, opt_t, st["param_groups"])
         except (ArtifactError, ValueError, KeyError, RuntimeError) as e:
-            _teardown(mm, routing, cap, frozen, gc_layers, was_training, prev_plan)
-            raise ArtifactError(f"checkpoint in {out} does not fit this run ({str(e).splitlines()[0]})") from None
+            self._teardown()
+            raise ArtifactError(f"checkpoint in {self.out} does not fit this run ({str(e).splitlines()[0]})") \
+                from None
         _set_rng(opt_t)
-        step, micro, tokens = int(st["step"]), int(st["micro"]), int(st["tokens"])
-        train_time, elapsed0 = float(st["train_time"]), float(st["elapsed"])
-        best_val = float(st["best_val"]) if st.get("best_val") is not None else math.inf
-        best_step, bad_evals = int(st.get("best_step", 0)), int(st.get("bad_evals", 0))
-        baseline = st.get("baseline")
-        history = list(st.get("history", []))
-        bw = {k[5:]: v for k, v in opt_t.items() if k.startswith("best.")}
-        best_w = bw or None
-        stopped_early = bool(st.get("stopped_early", False))
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        _rewrite_log(out / LOG_NAME, history)
+        s = self.state
+        s.step, s.micro, s.tokens = int(st["step"]), int(st["micro"]), int(st["tokens"])
+        s.train_time, s.elapsed0 = float(st["train_time"]), float(st["elapsed"])
+        s.best_val = float(st["best_val"]) if st.get("best_val") is not None else math.inf
+        s.best_step, s.bad_evals = int(st.get("best_step", 0)), int(st.get("bad_evals", 0))
+        s.baseline = st.get("baseline")
+        s.history = list(st.get("history", []))
+        s.best_w = {k[5:]: v for k, v in opt_t.items() if k.startswith("best.")} or None
+        s.stopped_early = bool(st.get("stopped_early", False))
 
-    def state_dict() -> dict:
-        return {"step": step, "micro": micro, "tokens": tokens, "train_time": train_time,
-                "elapsed": elapsed0 + (time.perf_counter() - t_start), "best_val": best_val if best_val < math.inf
-                else None, "best_step": best_step, "bad_evals": bad_evals, "baseline": baseline, "history": history,
-                "config": cfg.to_dict(), "total_steps": total, "data_digest": data_digest,
-                "stopped_early": stopped_early}
+    def _teardown(self) -> None:
+        _teardown(self.mm, self.routing, self.cap, self.frozen, self.gc_layers, self.was_training, self.prev_plan)
 
-    def log(rec: dict) -> None:
-        history.append(rec)
-        if out is not None:
-            with open(out / LOG_NAME, "a") as f:
+    # ---- bookkeeping -----------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return self.state.elapsed0 + (time.perf_counter() - self.t_start)
+
+    def _state_dict(self) -> dict:
+        s = self.state
+        return {"step": s.step, "micro": s.micro, "tokens": s.tokens, "train_time": s.train_time,
+                "elapsed": self._elapsed(), "best_val": s.best_val if s.best_val < math.inf else None,
+                "best_step": s.best_step, "bad_evals": s.bad_evals, "baseline": s.baseline, "history": s.history,
+                "config": self.cfg.to_dict(), "total_steps": self.total, "data_digest": self.data_digest,
+                "stopped_early": s.stopped_early}
+
+    def _log(self, rec: dict) -> None:
+        self.state.history.append(rec)
+        if self.out is not None:
+            with open(self.out / LOG_NAME, "a") as f:
                 f.write(json.dumps(rec, default=_json_default) + "\n")
 
-    val_cache: list | None = [] if val_blocks is not None and _small(val_blocks, mm) else None
+    def _checkpoint(self) -> None:
+        _save_checkpoint(self.out, self.hs, self.opt, self._state_dict(), self.state.best_w)
+        self.last_ckpt_step = self.state.step
 
-    def evaluate(with_nohook: bool = False) -> dict:
-        hs.train(False)
-        return hook_eval(mm, val_blocks, plan_obj, hs, batch_size=cfg.batch_size, hidden_layer=cfg.hidden_layer,
-                         nohook=with_nohook, amp=cfg.amp, _routing=routing, _teacher_cache=val_cache)
+    def evaluate(self, with_nohook: bool = False) -> dict:
+        """Validation metrics of the Hook (and, with ``with_nohook``, of the reduced and native model)."""
+        self.hs.train(False)
+        return hook_eval(self.mm, self.val_blocks, self.plan, self.hs, batch_size=self.cfg.batch_size,
+                         hidden_layer=self.cfg.hidden_layer, nohook=with_nohook, amp=self.cfg.amp,
+                         _routing=self.routing, _teacher_cache=self.val_cache)
 
-    t_start = time.perf_counter()
-    extra = ""
-    teacher_cache = None
-    last_ckpt_step = step
-    prog = _progress(progress)
-    try:
-        routing.student()
-        kd_teacher = "recompute (exact)" if cfg.objective == "kd" else None
-        cache_gb = train_blocks.numel() * (cfg.kd_topk or 0) * 8 / 2**30
-        visits = (total - step) * cfg.batch_size * cfg.grad_accum  # blocks the remaining steps will read
-        if cfg.objective == "kd" and cfg.kd_topk and cache_gb > cfg.kd_cache_max_gb:
-            kd_teacher = f"recompute (top-{cfg.kd_topk} cache of {cache_gb:.1f} GiB > kd_cache_max_gb)"
-        elif cfg.objective == "kd" and cfg.kd_topk and visits < n_train:
-            # the cache runs the teacher on every block once: it only pays when the run reads them all
-            kd_teacher = f"recompute (the run reads {visits} of {n_train} blocks; a cache would cost more)"
-        elif cfg.objective == "kd" and cfg.kd_topk and step < total and not stopped_early:
-            kd_teacher = f"top-{cfg.kd_topk} cache"
-            t_cache = time.perf_counter()
-            teacher_cache = _teacher_topk_cache(mm, train_blocks, routing, hs, cfg.kd_topk, cfg.kd_temperature,
-                                                cfg.batch_size, cfg.amp, progress)
-            train_time += time.perf_counter() - t_cache  # the cache is part of the training cost
-        if val_blocks is not None and baseline is None:
-            ev = evaluate(with_nohook=True)
-            baseline = {k: v for k, v in ev.items()}
-            rec = {"step": 0, "kind": "eval", **{f"val_{k}": v for k, v in ev.items()}}
-            log(rec)
-            obj0 = ev[_val_key(cfg.objective)]
-            best_val, best_step, best_w = obj0, 0, _clone(hs)
-        ctx = prog if prog is not None else contextlib.nullcontext()
-        with ctx:
-            task = None
-            if prog is not None:
-                task = prog.add_task("hook", total=total, completed=step, loss="-", tps="-", extra="")
-            batches = _batch_rows(n_train, cfg.batch_size, cfg.seed, micro)
-            while step < total and not stopped_early:
-                t0 = time.perf_counter()
-                hs.train(True)
-                opt.zero_grad(set_to_none=True)
-                lr_now = lr_at(step, total, cfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr_now
-                loss_sum = 0.0
-                micro_next, tokens_next = micro, tokens  # committed only once the optimizer step is taken
-                for _ in range(cfg.grad_accum):
-                    m_idx, rows = next(batches)
-                    ids = train_blocks.index_select(0, rows).to(dev)
-                    loss = _micro_loss(mm, ids, rows, cfg, routing, hs, cap, teacher_cache)
-                    if not torch.isfinite(loss):
-                        raise _NonFinite(f"the training loss became {float(loss.detach())} at step {step + 1}")
-                    (loss / cfg.grad_accum).backward()
-                    loss_sum += float(loss.detach()) / cfg.grad_accum
-                    tokens_next += ids.numel()
-                    micro_next = m_idx + 1
-                params = list(hs.parameters())
-                if cfg.max_grad_norm:
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                else:
-                    gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-                if not math.isfinite(gnorm):
-                    raise _NonFinite(f"the gradient norm became {gnorm} at step {step + 1}")
-                opt.step()
-                step, micro, tokens = step + 1, micro_next, tokens_next
-                dt = time.perf_counter() - t0
-                train_time += dt
-                tps = tokens / max(train_time, 1e-9)
-                rec = {"step": step, "kind": "train", "loss": loss_sum, "lr": lr_now, "grad_norm": gnorm,
-                       "tokens": tokens, "tokens_per_s": tps, "step_s": dt,
-                       "elapsed_s": elapsed0 + time.perf_counter() - t_start}
-                log(rec)
-                if val_blocks is not None and (step % eval_every == 0 or step == total):
-                    ev = evaluate()
-                    vkey = _val_key(cfg.objective)
-                    erec = {"step": step, "kind": "eval", **{f"val_{k}": v for k, v in ev.items()},
-                            "elapsed_s": elapsed0 + time.perf_counter() - t_start}
-                    log(erec)
-                    if ev[vkey] < best_val - 1e-12:
-                        best_val, best_step, bad_evals, best_w = ev[vkey], step, 0, _clone(hs)
-                    else:
-                        bad_evals += 1
-                        if cfg.patience is not None and bad_evals >= cfg.patience:
-                            stopped_early = True
-                    extra = f"val {vkey} {ev[vkey]:.4f}"
-                if prog is not None:
-                    prog.update(task, completed=step, loss=f"{loss_sum:.4f}", tps=f"{tps:,.0f}", extra=extra)
-                if out is not None and (step % ckpt_every == 0 or step == total or stopped_early):
-                    _save_checkpoint(out, hs, opt, state_dict(), best_w)
-                    last_ckpt_step = step
-                if on_step is not None:
-                    on_step(step, rec)
-    except _NonFinite as e:
-        opt.zero_grad(set_to_none=True)
-        where = ""
-        if out is not None:
-            _save_checkpoint(out, hs, opt, state_dict(), best_w)
-            where = f"; the last good state (step {step}) is checkpointed in {out / CHECKPOINT_DIR}"
-        _teardown(mm, routing, cap, frozen, gc_layers, was_training, prev_plan)
-        raise TrainingError(f"{e}; training stopped before the optimizer step{where} — try a lower lr") from None
-    except KeyboardInterrupt:
-        if out is not None and step > last_ckpt_step:
-            _save_checkpoint(out, hs, opt, state_dict(), best_w)
-        _teardown(mm, routing, cap, frozen, gc_layers, was_training, prev_plan)
-        raise
-    except BaseException:
-        _teardown(mm, routing, cap, frozen, gc_layers, was_training, prev_plan)
-        raise
-
-    # ---- finish ---------------------------------------------------------------------------------
-    final_eval = None
-    if val_blocks is not None:
-        evals = [h for h in history if h.get("kind") == "eval"]
-        last_eval_step = evals[-1]["step"] if evals else -1
-        if cfg.restore_best and best_w is not None and best_step != step:
-            hs.load_state_dict(best_w)
-            final_eval = next(h for h in evals if h["step"] == best_step)
-        elif last_eval_step == step:
-            final_eval = evals[-1]
-        else:
-            ev = evaluate()
-            final_eval = {f"val_{k}": v for k, v in ev.items()}
-    wall = elapsed0 + time.perf_counter() - t_start
-    metrics: dict[str, Any] = {"steps": step, "total_steps": total, "tokens": tokens, "train_time_s": train_time,
-                               "wall_time_s": wall, "tokens_per_s": tokens / max(train_time, 1e-9),
-                               "stopped_early": stopped_early, "kd_teacher": kd_teacher,
-                               "best_step": best_step if val_blocks is not None
-                               else None, "hook_params": hs.num_params(),
-                               "final_train_loss": next((h["loss"] for h in reversed(history)
-                                                         if h.get("kind") == "train"), None)}
-    if final_eval is not None and baseline is not None:
-        for k in ("kd", "lm", "hidden", "lm_native"):
-            metrics[f"val_{k}"] = final_eval.get(f"val_{k}")
-        for k in ("kd", "lm", "hidden"):
-            metrics[f"val_{k}_nohook"] = baseline.get(f"{k}_nohook")
-        metrics["kd_gap_closed"] = gap_closed(baseline["kd_nohook"], final_eval["val_kd"], 0.0)
-        metrics["lm_gap_closed"] = gap_closed(baseline["lm_nohook"], final_eval["val_lm"], baseline["lm_native"])
-    if out is not None:
-        info = dict(cfg.to_dict(), total_steps=total, data=data_info or {}, data_digest=data_digest,
-                    train_blocks=list(train_blocks.shape),
-                    val_blocks=list(val_blocks.shape) if val_blocks is not None else None)
-        hs.save_pretrained(out, plan=plan_obj.to_dict(), training=info, metrics=metrics)
+    # ---- the loop --------------------------------------------------------------------------------
+    def fit(self, *, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+        self.t_start = time.perf_counter()
+        self.last_ckpt_step = self.state.step
+        prog = _progress(progress)
+        s = self.state
         try:
-            plot_history(history, out / PLOT_NAME, title=f"hook {cfg.objective} · layers {layer_list} · "
-                         f"{plan_obj.describe()}")
-        except Exception as e:  # a plot must never fail a finished training run
-            metrics["plot_error"] = str(e)
-    else:
-        hs.manifest = {"plan": plan_obj.to_dict(), "training": cfg.to_dict(), "metrics": metrics}
-    _teardown(mm, routing, cap, frozen, gc_layers, was_training, prev_plan)
-    hs.requires_grad_(False)
-    return TrainResult(hs, history, metrics, out, cfg)
+            self.routing.student()
+            self._prepare_teacher(progress)
+            if self.val_blocks is not None and s.baseline is None:
+                self._baseline()
+            with prog if prog is not None else contextlib.nullcontext():
+                task = None
+                if prog is not None:
+                    task = prog.add_task("hook", total=self.total, completed=s.step, loss="-", tps="-", extra="")
+                batches = _batch_rows(self.n_train, self.cfg.batch_size, self.cfg.seed, s.micro)
+                extra = ""
+                while s.step < self.total and not s.stopped_early:
+                    rec = self._step(batches)
+                    if self.val_blocks is not None and (s.step % self.eval_every == 0 or s.step == self.total):
+                        extra = self._validate()
+                    if prog is not None:
+                        prog.update(task, completed=s.step, loss=f"{rec['loss']:.4f}",
+                                    tps=f"{rec['tokens_per_s']:,.0f}", extra=extra)
+                    if self.out is not None and (s.step % self.ckpt_every == 0 or s.step == self.total
+                                                 or s.stopped_early):
+                        self._checkpoint()
+                    if on_step is not None:
+                        on_step(s.step, rec)
+        except _NonFinite as e:
+            self.opt.zero_grad(set_to_none=True)
+            where = ""
+            if self.out is not None:
+                self._checkpoint()
+                where = f"; the last good state (step {s.step}) is checkpointed in {self.out / CHECKPOINT_DIR}"
+            self._teardown()
+            raise TrainingError(f"{e}; training stopped before the optimizer step{where} — try a lower lr") from None
+        except KeyboardInterrupt:
+            if self.out is not None and s.step > self.last_ckpt_step:
+                self._checkpoint()
+            self._teardown()
+            raise
+        except BaseException:
+            self._teardown()
+            raise
+        return self._finish()
+
+    def _prepare_teacher(self, progress: bool) -> None:
+        """KD: cache the teacher's top-K log-probs once when the run reads every block, else recompute."""
+        cfg, s = self.cfg, self.state
+        if cfg.objective != "kd":
+            return
+        self.kd_teacher = "recompute (exact)"
+        cache_gb = self.train_blocks.numel() * (cfg.kd_topk or 0) * 8 / 2**30
+        visits = (self.total - s.step) * cfg.batch_size * cfg.grad_accum  # blocks the remaining steps will read
+        if cfg.kd_topk and cache_gb > cfg.kd_cache_max_gb:
+            self.kd_teacher = f"recompute (top-{cfg.kd_topk} cache of {cache_gb:.1f} GiB > kd_cache_max_gb)"
+        elif cfg.kd_topk and visits < self.n_train:
+            # the cache runs the teacher on every block once: it only pays when the run reads them all
+            self.kd_teacher = f"recompute (the run reads {visits} of {self.n_train} blocks; a cache would cost more)"
+        elif cfg.kd_topk and s.step < self.total and not s.stopped_early:
+            self.kd_teacher = f"top-{cfg.kd_topk} cache"
+            t_cache = time.perf_counter()
+            self.teacher_cache = _teacher_topk_cache(self.mm, self.train_blocks, self.routing, self.hs, cfg.kd_topk,
+                                                     cfg.kd_temperature, cfg.batch_size, cfg.amp, progress)
+            s.train_time += time.perf_counter() - t_cache  # the cache is part of the training cost
+
+    def _baseline(self) -> None:
+        """Validation before the first step: the reduced model without the Hook, and the native model."""
+        s = self.state
+        ev = self.evaluate(with_nohook=True)
+        s.baseline = dict(ev)
+        self._log({"step": 0, "kind": "eval", **{f"val_{k}": v for k, v in ev.items()}})
+        s.best_val, s.best_step, s.best_w = ev[_val_key(self.cfg.objective)], 0, _clone(self.hs)
+
+    def _step(self, batches: Iterator[tuple[int, torch.Tensor]]) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its log record."""
+        cfg, s, hs, opt = self.cfg, self.state, self.hs, self.opt
+        t0 = time.perf_counter()
+        hs.train(True)
+        opt.zero_grad(set_to_none=True)
+        lr_now = lr_at(s.step, self.total, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        loss_sum = 0.0
+        micro_next, tokens_next = s.micro, s.tokens  # committed only once the optimizer step is taken
+        for _ in range(cfg.grad_accum):
+            m_idx, rows = next(batches)
+            ids = self.train_blocks.index_select(0, rows).to(self.mm.device)
+            loss = _micro_loss(self.mm, ids, rows, cfg, self.routing, hs, self.cap, self.teacher_cache)
+            if not torch.isfinite(loss):
+                raise _NonFinite(f"the training loss became {float(loss.detach())} at step {s.step + 1}")
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+            tokens_next += ids.numel()
+            micro_next = m_idx + 1
+        params = list(hs.parameters())
+        if cfg.max_grad_norm:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        else:
+            gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        if not math.isfinite(gnorm):
+            raise _NonFinite(f"the gradient norm became {gnorm} at step {s.step + 1}")
+        opt.step()
+        s.step, s.micro, s.tokens = s.step + 1, micro_next, tokens_next
+        dt = time.perf_counter() - t0
+        s.train_time += dt
+        rec = {"step": s.step, "kind": "train", "loss": loss_sum, "lr": lr_now, "grad_norm": gnorm,
+               "tokens": s.tokens, "tokens_per_s": s.tokens / max(s.train_time, 1e-9), "step_s": dt,
+               "elapsed_s": self._elapsed()}
+        self._log(rec)
+        return rec
+
+    def _validate(self) -> str:
+        """Validate, keep the best weights, count evaluations without improvement (early stopping)."""
+        s = self.state
+        ev = self.evaluate()
+        vkey = _val_key(self.cfg.objective)
+        self._log({"step": s.step, "kind": "eval", **{f"val_{k}": v for k, v in ev.items()},
+                   "elapsed_s": self._elapsed()})
+        if ev[vkey] < s.best_val - 1e-12:
+            s.best_val, s.best_step, s.bad_evals, s.best_w = ev[vkey], s.step, 0, _clone(self.hs)
+        else:
+            s.bad_evals += 1
+            if self.cfg.patience is not None and s.bad_evals >= self.cfg.patience:
+                s.stopped_early = True
+        return f"val {vkey} {ev[vkey]:.4f}"
+
+    # ---- finish ----------------------------------------------------------------------------------
+    def _final_eval(self) -> dict | None:
+        """The validation metrics of the weights the run ends with (the best ones, restored, by default)."""
+        s = self.state
+        if self.val_blocks is None:
+            return None
+        evals = [h for h in s.history if h.get("kind") == "eval"]
+        last_eval_step = evals[-1]["step"] if evals else -1
+        if self.cfg.restore_best and s.best_w is not None and s.best_step != s.step:
+            self.hs.load_state_dict(s.best_w)
+            return next(h for h in evals if h["step"] == s.best_step)
+        if last_eval_step == s.step:
+            return evals[-1]
+        return {f"val_{k}": v for k, v in self.evaluate().items()}
+
+    def _metrics(self, final_eval: dict | None) -> dict[str, Any]:
+        s = self.state
+        metrics: dict[str, Any] = {
+            "steps": s.step, "total_steps": self.total, "tokens": s.tokens, "train_time_s": s.train_time,
+            "wall_time_s": self._elapsed(), "tokens_per_s": s.tokens / max(s.train_time, 1e-9),
+            "stopped_early": s.stopped_early, "kd_teacher": self.kd_teacher,
+            "best_step": s.best_step if self.val_blocks is not None else None, "hook_params": self.hs.num_params(),
+            "final_train_loss": next((h["loss"] for h in reversed(s.history) if h.get("kind") == "train"), None)}
+        if final_eval is not None and s.baseline is not None:
+            base = s.baseline
+            for k in ("kd", "lm", "hidden", "lm_native"):
+                metrics[f"val_{k}"] = final_eval.get(f"val_{k}")
+            for k in ("kd", "lm", "hidden"):
+                metrics[f"val_{k}_nohook"] = base.get(f"{k}_nohook")
+            metrics["kd_gap_closed"] = gap_closed(base["kd_nohook"], final_eval["val_kd"], 0.0)
+            metrics["lm_gap_closed"] = gap_closed(base["lm_nohook"], final_eval["val_lm"], base["lm_native"])
+        return metrics
+
+    def _finish(self) -> TrainResult:
+        cfg, hs, out = self.cfg, self.hs, self.out
+        metrics = self._metrics(self._final_eval())
+        if out is not None:
+            vb = self.val_blocks
+            info = dict(cfg.to_dict(), total_steps=self.total, data=self.data_info or {},
+                        data_digest=self.data_digest, train_blocks=list(self.train_blocks.shape),
+                        val_blocks=list(vb.shape) if vb is not None else None)
+            hs.save_pretrained(out, plan=self.plan.to_dict(), training=info, metrics=metrics)
+            try:
+                plot_history(self.state.history, out / PLOT_NAME,
+                             title=f"hook {cfg.objective} · layers {cfg.layers} · {self.plan.describe()}")
+            except Exception as e:  # a plot must never fail a finished training run
+                metrics["plot_error"] = str(e)
+        else:
+            hs.manifest = {"plan": self.plan.to_dict(), "training": cfg.to_dict(), "metrics": metrics}
+        self._teardown()
+        hs.requires_grad_(False)
+        return TrainResult(hs, self.state.history, metrics, out, cfg)
 
 
 class _NonFinite(Exception):
