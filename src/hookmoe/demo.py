@@ -11,6 +11,8 @@ perplexity is measured on the ``heldout`` split, which shares no document with i
 
 from __future__ import annotations
 
+from hookmoe.machine import machine_info
+
 import json
 import subprocess
 import sys
@@ -286,7 +288,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "hook": {"layers": hook_layers, "label": hook_label, "inner_size": hook_inner,
                  "params": int(res.metrics.get("hook_params", 0)), "metrics": _jsonable(res.metrics)},
         "stage_times_s": cfg.stage_times, "total_time_s": round(time.perf_counter() - t_all, 1),
-        "machine": _machine(),
+        "machine": machine_info(),
     }
     write_report(result, out)
     return result
@@ -296,14 +298,6 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _machine() -> dict:
-    import os
-    import platform
-
-    import transformers
-
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _hook_inner_size(spec: Optional[int], mm) -> int:
@@ -347,18 +341,8 @@ def write_report(result: dict, out: Path) -> None:
     md += [f"- total: {result['total_time_s']}", "", "Files: `demo.json`, `ppl.png`, `hook/` (the Hook artifact).", ""]
     (out / "report.md").write_text("\n".join(md))
     try:
-        import matplotlib
+        from hookmoe.report import ppl_bars
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = result["rows"]
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.barh([r["name"] for r in rows][::-1], [r["ppl"] for r in rows][::-1], color="#4477aa")
-        ax.set_xlabel("held-out perplexity (lower is better)")
-        ax.set_title(f"hookmoe demo: {result['model']}")
-        fig.tight_layout()
-        fig.savefig(out / "ppl.png", dpi=120)
-        plt.close(fig)
+        ppl_bars(result["rows"], out / "ppl.png", title=f"hookmoe demo: {result['model']}")
     except Exception as e:  # a missing plot must not lose the report
         print(f"(plot skipped: {e})")

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe export``: a self-contained directory with the model, its plan and its Hooks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe sweep`` / ``search`` / ``compare`` / ``run``: choosing a plan and the whole pipeline."""
 
 from __future__ import annotations
 

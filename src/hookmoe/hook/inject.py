@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Placing Hooks: a forward pre-hook on the chosen MoE blocks replaces their input by the Hook's output (router,
+routed and shared experts see it; the residual stream does not). :class:`HookSet` is the set attached to a model."""
 
 from __future__ import annotations
 
