@@ -55,14 +55,13 @@ class DemoConfig:
     hook_layers: Optional[str] = "all"  # "all" (one Hook per MoE layer), a layer "15", "4,15", "12-14"; None: middle
     # Hook width. None: half an expert's width (SmolLM2: 96), so the 30 Hooks together cost about a third of the
     # FLOPs of the expert each token drops; 0: the paper's width (2 x expert size for a fine-grained MoE), which
-    # recovered about as much (39.5% vs 37.4% measured) at 4x the parameters and more FLOPs than the dropped expert.
+    # recovered about as much at 4x the parameters and more FLOPs than the dropped expert (benchmarks/results/).
     hook_inner_size: Optional[int] = None
     hook_blocks: int = 360  # 360 = 90 steps x batch 4; 32 blocks over-fit (train KL fell, held-out KL did not)
     hook_seq_len: int = 256
     val_blocks: int = 4  # hook validation (best-step selection)
-    # all-layer Hooks, lr 1e-3, SmolLM2 demo with torch's BLAS: 48 steps 34.5 % (793 s total), 60 steps 33.4 % /
-    # 40.7 % (867 / 880 s); with the oneDNN products (cpu_gemm) a step costs 4.4 s instead of 6.8 s: 90 steps
-    # 47.9 % (734 s total)
+    # per-model step budgets: the most Hook steps that keep the demo within 15 minutes on 2 cores
+    # (runs in benchmarks/results/demo_*/)
     hook_steps: Optional[int] = None  # None: the model's budget (MODEL_BUDGETS)
     hook_lr: float = 1e-3
     hook_objective: str = "kd"

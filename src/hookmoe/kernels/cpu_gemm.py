@@ -1,12 +1,8 @@
 """Faster CPU matrix products: oneDNN instead of the default BLAS where it measures faster.
 
 Why: on CPUs where torch's BLAS (MKL) does not pick its AVX-512 kernels — AMD EPYC among them — fp32
-``F.linear`` runs at less than half the speed of oneDNN's matmul on the same core. Measured on this
-project's 2-core AMD EPYC VM (1 thread, torch 2.13 with MKL 2024.2 and oneDNN 3.12;
-``benchmarks/gemm_layouts.py`` → ``benchmarks/results/gemm_layouts.json``; three runs agree within
-~10-20 %): a Mixtral-expert gate/up projection (2048 -> 14336) on 128 rows takes 80-96 ms with MKL and
-34-36 ms with oneDNN, SmolLM2's MLP up projection on 1024 rows 16.6 vs 7.2 ms, its LM head 652 vs 324 ms;
-input and weight gradients are 1.4-2.3x faster too. oneDNN is in every x86 torch build
+``F.linear`` runs at less than half the speed of oneDNN's matmul on the same core, forward and backward
+(``benchmarks/gemm_layouts.py``; numbers in ``benchmarks/results/gemm_layouts.json`` and ``SPEED.md``). oneDNN is in every x86 torch build
 (``torch.ops.mkldnn._linear_pointwise``), takes the plain ``[out, in]`` weight as it is stored (nothing is
 re-packed or copied), and its results differ from MKL's by floating-point rounding only (~1e-7 relative
 in fp32).
@@ -22,7 +18,7 @@ What it does:
   ``forward``; :func:`restore` undoes it). hookmoe applies it to every model it loads on the CPU.
 * :func:`causal_attention` / :func:`attention_forward` — a whole prompt's causal attention on the same
   kernel, registered with transformers as :data:`ATTN_NAME` (SDPA for everything else); the runtime turns it
-  on for its lifetime (1.8-1.9x faster than torch's CPU SDPA for a 4096-token Mixtral /2 or Qwen layer).
+  on for its lifetime (faster than torch's CPU SDPA on long prompts; see ``benchmarks/results/SPEED.md``).
 * The backend: ``HOOKMOE_CPU_GEMM`` = ``auto`` (default), ``onednn`` or ``torch`` (torch's own BLAS), or
   :func:`set_backend`. ``auto`` times both kernels once per process and dtype on a mid-size product
   (a few ms) and takes oneDNN only when it is at least :data:`AUTO_MARGIN` faster, so on CPUs where MKL
