@@ -17,10 +17,11 @@ from hookmoe.training.loop import train_hook
 def register_cli(app) -> None:
     import typer
 
-    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, fail, load_model
+    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, fail, load_model, placement_options
     from hookmoe.cli.common import write_json
 
     @app.command("train")
+    @placement_options
     def train_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         plan: str = typer.Option(..., help=PLAN_HELP + " (the reduced routing the Hook compensates)"),

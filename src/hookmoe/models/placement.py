@@ -137,7 +137,6 @@ def check_fits(model: nn.Module, device_map, max_memory: dict | None, offload_fo
     if disk and offload_folder is None:
         total = _bytes(model, dtype)
         on_disk = _bytes(model, dtype, disk)
-        gib = 2**30
         fit = ""
         if layers is not None:
             names = {id(m): n for n, m in model.named_modules()}
@@ -145,10 +144,17 @@ def check_fits(model: nn.Module, device_map, max_memory: dict | None, offload_fo
             n_disk = sum(1 for layer in layers if _placed(names.get(id(layer), ""), dm) == "disk")
             fit = f"; {n_layers - n_disk} of {n_layers} decoder layers fit"
         given = ", ".join(f"{k}={v}" for k, v in (max_memory or {}).items()) or "the free memory of this machine"
-        raise ModelError(f"the weights need {total / gib:.2f} GiB but only {(total - on_disk) / gib:.2f} GiB fit in "
-                         f"--max-memory ({given}){fit}: give more memory or add --offload-folder DIR to offload the "
-                         f"rest ({on_disk / gib:.2f} GiB) to disk")
+        raise ModelError(f"the weights need {_human(total)} but only {_human(total - on_disk)} fit in --max-memory "
+                         f"({given}){fit}: give more memory or add --offload-folder DIR to offload the rest "
+                         f"({_human(on_disk)}) to disk")
     return dm
+
+
+def _human(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def _placed(name: str, dm: dict):
