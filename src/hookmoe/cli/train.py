@@ -98,11 +98,16 @@ def register_cli(app) -> None:
                 data_info={"calib": calib, "val_data": val_data or calib, "samples": samples, "seq_len": seq_len,
                            "val_samples": val_samples, "model": model},
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             ck = _find_checkpoint(out) if out.is_dir() and ctx.is_main else None
+            why = "interrupted"
+            if isinstance(e, distributed.RankStopped):
+                why = f"rank {ctx.rank} stopped because another rank failed (see the launcher's report)"
             if ck is not None:
                 st = json.loads((ck / TRAINER_STATE).read_text())
-                console.print(f"interrupted: checkpoint of step {st['step']} kept in {ck}; continue with --resume")
+                console.print(f"{why}: checkpoint of step {st['step']} kept in {ck}; continue with --resume")
+            elif why != "interrupted":
+                console.print(why)
             raise
         m = result.metrics
         if not ctx.is_main:

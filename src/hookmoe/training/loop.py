@@ -334,7 +334,8 @@ class HookTraining:
         if diff:
             k = diff[0]
             raise ArtifactError(f"cannot resume: the checkpoint in {out} was made with {k}={old_cfg.get(k)!r}, "
-                                f"this run has {k}={new_cfg.get(k)!r}")
+                                f"this run has {k}={new_cfg.get(k)!r}"
+                                + (" (the global batch: batch size per rank x ranks)" if k == "batch_size" else ""))
         if ckpt[0].get("data_digest") != self.data_digest:
             raise ArtifactError(f"cannot resume: the checkpoint in {out} was trained on different calibration data")
         return ckpt
