@@ -170,14 +170,7 @@ def dispatch(model: nn.Module, device_map, max_memory: dict | None, offload_fold
     """Dispatch an in-memory model (``tiny:<arch>``) across devices / CPU / disk with accelerate."""
     from accelerate import dispatch_model
 
-    layers = None
-    try:
-        from hookmoe.models.moe_model import _decoder_layers
-
-        layers = _decoder_layers(model)
-    except ModelError:
-        pass
-    dm = check_fits(model, device_map, max_memory, offload_folder, dtype, layers)
+    dm = check_fits(model, device_map, max_memory, offload_folder, dtype, _layers(model))
     if offload_folder is not None:
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
     tied = getattr(model, "_tied_weights_keys", None)
@@ -202,13 +195,16 @@ def precheck(spec: str, device_map, max_memory: dict | None, offload_folder, dty
             skel = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
     except Exception:  # the real load reports config problems with its own message
         return
-    from hookmoe.models.moe_model import _decoder_layers
+    check_fits(skel, device_map, max_memory, offload_folder, dtype, _layers(skel))
 
-    try:
-        layers = _decoder_layers(skel)
-    except ModelError:
-        layers = None
-    check_fits(skel, device_map, max_memory, offload_folder, dtype, layers)
+
+def _layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder layers (for the "N of M layers fit" message), if found."""
+    base = getattr(model, "model", model)
+    for obj in (base, getattr(base, "language_model", None)):
+        if obj is not None and isinstance(getattr(obj, "layers", None), nn.ModuleList):
+            return obj.layers
+    return None
 
 
 def is_dispatched(model: nn.Module) -> bool:
