@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import signal
 from dataclasses import dataclass
 from typing import Callable
@@ -137,7 +138,9 @@ class DistContext:
         except RankStopped:
             raise
         except Exception as e:  # DistBackendError / RuntimeError: a peer failed or vanished
+            _ignore_sigterm()  # we are stopping anyway: let this rank checkpoint and report before it exits
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = re.sub(r"\[[^\]]*\]\s*", "", msg).strip() or type(e).__name__  # gloo's [file:line] prefixes
             raise PeerFailure(f"rank {self.rank}: another rank failed or was stopped during {what} ({msg[:160]}); "
                                 "the last checkpoint is kept: rerun with --resume") from None
         return t
@@ -272,6 +275,13 @@ def _install_sigterm() -> None:
     try:
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
+        pass
+
+
+def _ignore_sigterm() -> None:
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:
         pass
 
 

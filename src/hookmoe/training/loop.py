@@ -552,7 +552,7 @@ class HookTraining:
         if cfg.max_grad_norm:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         else:
-            gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            gnorm = float(torch.norm(torch.stack([p.grad.norm().float().cpu() for p in params if p.grad is not None])))
         if not math.isfinite(gnorm):
             raise _NonFinite(f"the gradient norm became {gnorm} at step {s.step + 1}")
         opt.step()
