@@ -54,10 +54,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 
 def register_cli(app) -> None:
-    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console
+    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, placement_kwargs, placement_options
     from hookmoe.cli.common import write_json
 
     @app.command("bench")
+    @placement_options
     def bench_cmd(
         ctx: typer.Context,
         model: str = typer.Argument(..., help=MODEL_HELP + "; with --random-weights also a preset: "
@@ -119,7 +120,7 @@ def register_cli(app) -> None:
         else:
             from hookmoe.hook import load
 
-            mm = load(model, device=device, dtype=dtype, seed=seed)
+            mm = load(model, device=device, dtype=dtype, seed=seed, **placement_kwargs())
         maxpos = _max_positions(mm)
         if lengths == DEFAULT_LENGTHS_TEXT and maxpos is not None and max(DEFAULT_LENGTHS) >= maxpos:
             fit = tuple(sorted({max(8, maxpos // d) for d in (8, 4, 2)}))

@@ -15,9 +15,10 @@ from hookmoe.hook.export import export_model
 def register_cli(app) -> None:
     import typer
 
-    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, load_model
+    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, load_model, placement_options
 
     @app.command("export")
+    @placement_options
     def export_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         hook: Optional[Path] = typer.Option(None, help="hook artifact directory (from `hookmoe train`)"),

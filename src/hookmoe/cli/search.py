@@ -25,9 +25,10 @@ def _parse_int_list(text: str | None, what: str) -> list[int] | None:
 def register_cli(app) -> None:
     import typer
 
-    from hookmoe.cli.common import MODEL_HELP, console, load_model
+    from hookmoe.cli.common import MODEL_HELP, console, load_model, placement_options
 
     @app.command("sweep")
+    @placement_options
     def sweep_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         data: str = typer.Option(..., help="text source (ppl) or MC file / builtin-mc (mc)"),
@@ -57,6 +58,7 @@ def register_cli(app) -> None:
         console.print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']} ({res['time_s']:.1f} s)")
 
     @app.command("search")
+    @placement_options
     def search_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         data: str = typer.Option(..., help="text source scored by perplexity (or MC data with --metric mc)"),
@@ -111,6 +113,7 @@ def register_cli(app) -> None:
         console.print(f"wrote {out} and {log_path}")
 
     @app.command("compare")
+    @placement_options
     def compare_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         data: str = typer.Option(..., help="text source (ppl) or MC file / builtin-mc (mc)"),
@@ -166,6 +169,7 @@ def register_cli(app) -> None:
         console.print(f"wrote {paths['md']}, {paths['json']}, {paths['png']} ({res['time_s']:.1f} s)")
 
     @app.command("run")
+    @placement_options
     def run_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         calib: str = typer.Option(..., help="calibration text source (builtin, c4, math, hf:ID, file or folder)"),

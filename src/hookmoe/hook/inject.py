@@ -248,11 +248,11 @@ def insert_hooks(mm, layers: Any, inner_size: int | None = None, init: str = DEF
         raise ModelError(f"hook inner size must be >= 1, got {inner}")
     remove_hooks(mm)
     hidden = int(mm.config.hidden_size)
-    dev, dt = mm.device, dtype or mm.dtype
+    dt = dtype or mm.dtype
     hooks, handles = {}, {}
     for i in layers:
         block = mm.layer(i).block
-        h = Hook(hidden, inner, init, seed=seed + i, dtype=dt, device=dev)
+        h = Hook(hidden, inner, init, seed=seed + i, dtype=dt, device=mm.block_device(i))  # on its block's device
         block.add_module(SUBMODULE, h)
         hooks[i] = h
         handles[i] = block.register_forward_pre_hook(_pre_hook, with_kwargs=True)

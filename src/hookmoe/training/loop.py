@@ -19,6 +19,7 @@ from hookmoe.errors import ArtifactError
 from hookmoe.hook.inject import HookSet, insert_hooks, parse_layers
 from hookmoe.hook.artifact import _json_default
 from hookmoe.errors import TrainingError
+from hookmoe.training import distributed
 from hookmoe.training.checkpoint import _blocks_digest, _find_checkpoint, _load_optimizer, _read_checkpoint, _rewrite_log, _save_checkpoint, _set_rng
 from hookmoe.training.config import CHECKPOINT_DIR, DEFAULT_OBJECTIVE, LOG_NAME, PLOT_NAME, TrainConfig, TrainResult, _IDENTITY_KEYS
 from hookmoe.training.losses import hidden_loss, kd_loss, kd_loss_topk, lm_loss
@@ -233,6 +234,10 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
     With ``out_dir`` the run writes checkpoints, ``train_log.jsonl``, ``loss.png`` and the artifact
     (``hook.safetensors`` + ``hookmoe.json``); ``resume=True`` continues from its checkpoint.
     ``on_step(step, record)`` is called after each optimizer step.
+
+    Inside a torch.distributed process group (``torchrun``; see :mod:`hookmoe.training.distributed`) ``batch_size``
+    is per rank: each rank trains on its shard of every global batch (``batch_size`` x ranks, the value recorded in
+    the config), gradients are averaged, and only rank 0 writes.
     """
     from hookmoe.routing.plan import Plan
 
@@ -240,8 +245,9 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
     if unknown:
         raise TypeError(f"train_hook got unknown options: {', '.join(sorted(unknown))}")
     plan_obj = Plan.parse(plan)
+    world = distributed.current().world
     cfg = TrainConfig(layers=parse_layers(layers, mm), plan=plan_obj.to_dict(), objective=objective, steps=steps,
-                      epochs=epochs, lr=lr, batch_size=batch_size, **options)
+                      epochs=epochs, lr=lr, batch_size=batch_size * world, **options)
     cfg.validate()
     run = HookTraining(mm, cfg, plan_obj, train_blocks, val_blocks, out_dir=out_dir, resume=resume,
                        data_info=data_info)
@@ -276,6 +282,10 @@ class HookTraining:
         self.mm, self.cfg, self.plan = mm, cfg, plan
         self.train_blocks, self.val_blocks, self.data_info = train_blocks, val_blocks, data_info
         self.out = Path(out_dir) if out_dir is not None else None
+        self.dist = distributed.current()  # data parallel across ranks; only rank 0 writes
+        if cfg.batch_size % self.dist.world:
+            raise TrainingError(f"batch_size {cfg.batch_size} does not split over {self.dist.world} ranks")
+        self.local_bs = cfg.batch_size // self.dist.world
         self._check_data()
         n_batches = self.n_train // cfg.batch_size
         self.total = cfg.steps if cfg.steps is not None else \
@@ -288,7 +298,7 @@ class HookTraining:
         self.state = _Progress()
         if ckpt is not None:
             self._restore(ckpt)
-        if self.out is not None:
+        if self.out is not None and self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             _rewrite_log(self.out / LOG_NAME, self.state.history)
         self.val_cache: list | None = [] if val_blocks is not None and _small(val_blocks, mm) else None
@@ -321,7 +331,8 @@ class HookTraining:
         if diff:
             k = diff[0]
             raise ArtifactError(f"cannot resume: the checkpoint in {out} was made with {k}={old_cfg.get(k)!r}, "
-                                f"this run has {k}={new_cfg.get(k)!r}")
+                                f"this run has {k}={new_cfg.get(k)!r}"
+                                + (" (the global batch: batch size per rank x ranks)" if k == "batch_size" else ""))
         if ckpt[0].get("data_digest") != self.data_digest:
             raise ArtifactError(f"cannot resume: the checkpoint in {out} was trained on different calibration data")
         return ckpt
@@ -407,30 +418,34 @@ class HookTraining:
 
     def _log(self, rec: dict) -> None:
         self.state.history.append(rec)
-        if self.out is not None:
+        if self.out is not None and self.dist.is_main:
             with open(self.out / LOG_NAME, "a") as f:
                 f.write(json.dumps(rec, default=_json_default) + "\n")
 
     def _checkpoint(self) -> None:
-        _save_checkpoint(self.out, self.hs, self.opt, self._state_dict(), self.state.best_w)
+        if self.dist.is_main:
+            _save_checkpoint(self.out, self.hs, self.opt, self._state_dict(), self.state.best_w)
         self.last_ckpt_step = self.state.step
 
     def evaluate(self, with_nohook: bool = False) -> dict:
         """Validation metrics of the Hook (and, with ``with_nohook``, of the reduced and native model)."""
         self.hs.train(False)
-        return hook_eval(self.mm, self.val_blocks, self.plan, self.hs, batch_size=self.cfg.batch_size,
-                         hidden_layer=self.cfg.hidden_layer, nohook=with_nohook, amp=self.cfg.amp,
-                         _routing=self.routing, _teacher_cache=self.val_cache)
+        blocks = self.dist.eval_shard(self.val_blocks)  # each rank its shard; token-weighted means all-reduced
+        ev = hook_eval(self.mm, blocks, self.plan, self.hs, batch_size=self.local_bs,
+                       hidden_layer=self.cfg.hidden_layer, nohook=with_nohook, amp=self.cfg.amp,
+                       _routing=self.routing, _teacher_cache=self.val_cache)
+        return self.dist.reduce_eval(ev, blocks.numel())
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self, *, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
         self.t_start = time.perf_counter()
         self.last_ckpt_step = self.state.step
-        prog = _progress(progress)
+        prog = _progress(progress and self.dist.is_main)
         s = self.state
         try:
+            self.dist.broadcast_params(list(self.hs.parameters()))
             self.routing.student()
-            self._prepare_teacher(progress)
+            self._prepare_teacher(progress and self.dist.is_main)
             if self.val_blocks is not None and s.baseline is None:
                 self._baseline()
             with prog if prog is not None else contextlib.nullcontext():
@@ -459,7 +474,7 @@ class HookTraining:
                 where = f"; the last good state (step {s.step}) is checkpointed in {self.out / CHECKPOINT_DIR}"
             self._teardown()
             raise TrainingError(f"{e}; training stopped before the optimizer step{where} — try a lower lr") from None
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, distributed.PeerFailure):  # incl. a launcher's SIGTERM / a failed peer rank
             if self.out is not None and s.step > self.last_ckpt_step:
                 self._checkpoint()
             self._teardown()
@@ -485,8 +500,10 @@ class HookTraining:
         elif cfg.kd_topk and s.step < self.total and not s.stopped_early:
             self.kd_teacher = f"top-{cfg.kd_topk} cache"
             t_cache = time.perf_counter()
-            self.teacher_cache = _teacher_topk_cache(self.mm, self.train_blocks, self.routing, self.hs, cfg.kd_topk,
-                                                     cfg.kd_temperature, cfg.batch_size, cfg.amp, progress)
+            self.teacher_cache = self.dist.assemble_cache(
+                self.n_train, lambda blocks: _teacher_topk_cache(self.mm, blocks, self.routing, self.hs, cfg.kd_topk,
+                                                                 cfg.kd_temperature, self.local_bs, cfg.amp, progress),
+                self.train_blocks)
             s.train_time += time.perf_counter() - t_cache  # the cache is part of the training cost
 
     def _baseline(self) -> None:
@@ -507,22 +524,32 @@ class HookTraining:
         for g in opt.param_groups:
             g["lr"] = lr_now
         loss_sum = 0.0
-        micro_next, tokens_next = s.micro, s.tokens  # committed only once the optimizer step is taken
+        micro_next, tokens_step = s.micro, 0  # committed only once the optimizer step is taken
+        distributed.fault_injection(self.dist.rank, s.step + 1)
+        bad = None
         for _ in range(cfg.grad_accum):
             m_idx, rows = next(batches)
+            rows = self.dist.shard(rows)  # this rank's part of the global micro-batch
             ids = self.train_blocks.index_select(0, rows).to(self.mm.device)
             loss = _micro_loss(self.mm, ids, rows, cfg, self.routing, hs, self.cap, self.teacher_cache)
             if not torch.isfinite(loss):
-                raise _NonFinite(f"the training loss became {float(loss.detach())} at step {s.step + 1}")
+                bad = f"the training loss became {float(loss.detach())} at step {s.step + 1}"
+                if not self.dist.enabled:
+                    raise _NonFinite(bad)
+                break
             (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
-            tokens_next += ids.numel()
+            tokens_step += ids.numel()
             micro_next = m_idx + 1
         params = list(hs.parameters())
+        loss_sum, tokens_step, failed = self.dist.sync_step(params, loss_sum, tokens_step, bad is not None)
+        if failed:
+            raise _NonFinite(bad or f"the training loss became non-finite on another rank at step {s.step + 1}")
+        tokens_next = s.tokens + tokens_step
         if cfg.max_grad_norm:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         else:
-            gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            gnorm = float(torch.norm(torch.stack([p.grad.norm().float().cpu() for p in params if p.grad is not None])))
         if not math.isfinite(gnorm):
             raise _NonFinite(f"the gradient norm became {gnorm} at step {s.step + 1}")
         opt.step()
@@ -586,7 +613,9 @@ class HookTraining:
     def _finish(self) -> TrainResult:
         cfg, hs, out = self.cfg, self.hs, self.out
         metrics = self._metrics(self._final_eval())
-        if out is not None:
+        if self.dist.enabled:
+            metrics["ranks"] = self.dist.world
+        if out is not None and self.dist.is_main:
             vb = self.val_blocks
             info = dict(cfg.to_dict(), total_steps=self.total, data=self.data_info or {},
                         data_digest=self.data_digest, train_blocks=list(self.train_blocks.shape),
