@@ -490,3 +490,17 @@ def test_config_validation_and_defaults():
     gemma = cmoe_model.HookmoeCMoEConfig(text_config=Gemma3TextConfig(**TINY).to_dict(), num_experts=6,
                                          num_shared_experts=2)
     assert gemma.hidden_act == "gelu_pytorch_tanh"
+
+
+def test_a_fresh_process_loads_a_converted_directory(converted, tmp_path):
+    """`hookmoe.load(DIR)` registers the converted type itself (nothing imported beforehand)."""
+    import subprocess
+    import sys
+
+    arch, _, moe = converted
+    out = save_converted(moe, _tiny_tokenizer(), tmp_path / arch)
+    code = (f"import hookmoe; mm = hookmoe.load({str(out)!r}, device='cpu'); "
+            "print(type(mm.model).__name__, mm.native_top_k)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["HookmoeCMoEForCausalLM", str(moe.config.num_experts_per_tok)]

@@ -156,13 +156,8 @@ def load_causal_lm(spec: str, *, dtype: str | torch.dtype | None = "auto", devic
 
 def _register_converted_type() -> None:
     """Make transformers' Auto classes know the ``hookmoe_cmoe`` type written by ``hookmoe convert``."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec(f"{__package__}.cmoe_model") is None:
-        return
     try:
-        importlib.import_module(".cmoe_model", __package__)
+        import hookmoe.models.cmoe  # noqa: F401  (registers the type on import)
     except ImportError:
         # the converted-model class needs transformers >= 5.23 (SubConfigSpec); every other model still
         # loads, and loading a converted directory then fails with transformers' unknown-type error
