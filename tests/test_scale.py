@@ -221,3 +221,18 @@ def test_lm_eval_on_offloaded_model(tmp_path):
     assert "acc_norm,none" in a["tasks"][task]["metrics"]
     assert a["tasks"][task]["metrics"] == b["tasks"][task]["metrics"]
     assert a["act"] == b["act"] and 1.0 < a["act"] < 2.0
+
+
+def test_local_directory_through_from_pretrained(pair, tmp_path):
+    """A saved model goes through transformers' from_pretrained(device_map=, max_memory=, offload_folder=)."""
+    ref, _, _ = pair
+    d = tmp_path / "model"
+    ref.model.save_pretrained(d)
+    with pytest.raises(ModelError, match=r"decoder layers fit.*--offload-folder"):
+        hookmoe.load(str(d), max_memory={"cpu": _budget(ref, 2)}, tokenizer=ref.tokenizer)
+    mm = hookmoe.load(str(d), max_memory={"cpu": _budget(ref, 2)}, offload_folder=tmp_path / "off",
+                      tokenizer=ref.tokenizer)
+    assert "disk" in set(mm.model.hf_device_map.values())
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), ref.routing("topk:1"), mm.routing("topk:1"):
+        assert torch.equal(ref.model(input_ids=ids).logits, mm.model(input_ids=ids).logits)
