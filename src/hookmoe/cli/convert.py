@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe convert``: a dense model into an MoE (CMoE), with optional router calibration and distillation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe eval``: perplexity, multiple choice or lm-eval tasks under one or more plans, with Act per layer."""
 
 from __future__ import annotations
 

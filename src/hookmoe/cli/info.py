@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe info`` (architecture, experts, parameters; ``--memory`` from the config alone) and ``hookmoe generate``."""
 
 from __future__ import annotations
 

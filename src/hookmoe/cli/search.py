@@ -1,6 +1,8 @@
-"""TODO docstring"""
+"""``hookmoe sweep`` / ``search`` / ``compare`` / ``run``: choosing a plan and the whole pipeline."""
 
 from __future__ import annotations
+
+from hookmoe.layerspec import parse_layer_list
 
 from pathlib import Path
 from typing import Optional
@@ -17,22 +19,7 @@ from hookmoe.search.sweep import sweep, write_sweep
 
 
 def _parse_int_list(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise SearchError(f"{what} must be layer numbers like 2,3 or 4-7, got '{text}'") from None
-    return out
+    return None if text is None else parse_layer_list(text, what, SearchError)
 
 
 def register_cli(app) -> None:

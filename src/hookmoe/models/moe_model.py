@@ -1,4 +1,5 @@
-"""TODO docstring"""
+""":class:`MoEModel`: a causal LM with its MoE layers located through the adapter table (blocks, routers, experts,
+shared experts), its fingerprint and its summary."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from hookmoe.training import distributed
 from hookmoe.training.checkpoint import _blocks_digest, _find_checkpoint, _load_optimizer, _read_checkpoint, _rewrite_log, _save_checkpoint, _set_rng
 from hookmoe.training.config import CHECKPOINT_DIR, DEFAULT_OBJECTIVE, LOG_NAME, PLOT_NAME, TrainConfig, TrainResult, _IDENTITY_KEYS
 from hookmoe.training.losses import hidden_loss, kd_loss, kd_loss_topk, lm_loss
+from hookmoe.report import gap_closed, training_curve
 from hookmoe.training.schedule import lr_at
 
 
@@ -169,10 +170,6 @@ class _NullHooks:
         yield self
 
 
-def gap_closed(nohook: float, hooked: float, native: float) -> float:
-    """Fraction of the loss gap between the reduced model and the native model that the Hook closes."""
-    gap = nohook - native
-    return float("nan") if abs(gap) < 1e-12 else (nohook - hooked) / gap
 
 
 def _progress(enabled: bool):
@@ -625,7 +622,7 @@ class HookTraining:
                         val_blocks=list(vb.shape) if vb is not None else None)
             hs.save_pretrained(out, plan=self.plan.to_dict(), training=info, metrics=metrics)
             try:
-                plot_history(self.state.history, out / PLOT_NAME,
+                training_curve(self.state.history, out / PLOT_NAME,
                              title=f"hook {cfg.objective} · layers {cfg.layers} · {self.plan.describe()}")
             except Exception as e:  # a plot must never fail a finished training run
                 metrics["plot_error"] = str(e)
@@ -699,48 +696,3 @@ def _teardown(mm, routing: _Routing, cap: _Capture | None, frozen, gc_layers, wa
         mm.active_plan = apply_plan(mm, prev_plan)
 
 
-def plot_history(history: list[dict], path: str | Path, title: str = "hook training") -> Path:
-    """Loss curve: training loss per step (raw and smoothed) and held-out KD/LM losses per evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    train = [h for h in history if h.get("kind") == "train"]
-    evals = [h for h in history if h.get("kind") == "eval"]
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    if train:
-        xs = [h["step"] for h in train]
-        ys = [h["loss"] for h in train]
-        ax.plot(xs, ys, color="tab:blue", alpha=0.35, lw=1, label="train loss")
-        ema, sm = None, []
-        for y in ys:
-            ema = y if ema is None else 0.9 * ema + 0.1 * y
-            sm.append(ema)
-        ax.plot(xs, sm, color="tab:blue", lw=2, label="smoothed")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training objective")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    if evals:
-        ax2 = axes[0][1]
-        base = evals[0]
-        xs = [h["step"] for h in evals]
-        for key, ref, color in (("kd", 0.0, "tab:red"), ("lm", base.get("val_lm_native"), "tab:green"),
-                                ("hidden", 0.0, "tab:purple")):
-            nh = base.get(f"val_{key}_nohook")
-            if nh is None or ref is None or not all(f"val_{key}" in h for h in evals):
-                continue
-            ys = [100 * gap_closed(nh, h[f"val_{key}"], ref) for h in evals]
-            ax2.plot(xs, ys, marker="o", color=color, label=f"{key} (no hook {nh:.4g})")
-        ax2.axhline(0, color="k", lw=0.8)
-        ax2.set_xlabel("step")
-        ax2.set_ylabel("held-out gap closed (%)")
-        ax2.set_title("(no hook − hook) / (no hook − native)", fontsize=9)
-        ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
