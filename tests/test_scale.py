@@ -236,3 +236,14 @@ def test_local_directory_through_from_pretrained(pair, tmp_path):
     ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), ref.routing("topk:1"), mm.routing("topk:1"):
         assert torch.equal(ref.model(input_ids=ids).logits, mm.model(input_ids=ids).logits)
+
+
+def test_every_model_loading_command_takes_the_placement_options():
+    from typer.main import get_command
+
+    from hookmoe.cli import build_app
+
+    group = get_command(build_app())
+    for name in ("info", "generate", "eval", "sweep", "search", "compare", "run", "train", "export", "bench"):
+        opts = {o for p in group.get_command(None, name).params for o in p.opts}
+        assert {"--device-map", "--max-memory", "--offload-folder"} <= opts, name
