@@ -197,3 +197,53 @@ def test_killed_rank_stops_the_launch_and_resume_in_one_process(single, tmp_path
     capsys.readouterr()
     assert _in_process(TRAIN + ["--batch-size", "2", "--out", str(out), "--resume"]) == 2
     assert "batch size per rank x ranks" in capsys.readouterr().err
+
+
+def test_lm_eval_on_offloaded_model(tmp_path):
+    """``hookmoe eval --tasks`` (lm-evaluation-harness) on a half-disk-offloaded model: same scores and Act."""
+    pytest.importorskip("lm_eval")
+    task = "hookmoe_scale_mc"
+    (tmp_path / "data.jsonl").write_text("".join(
+        json.dumps({"question": q, "choices": ["a red fox", "the river", "quick brown dog ran"], "label": i % 3}) + "\n"
+        for i, q in enumerate(["the cat sat on a mat", "a dog ran far", "over the lazy tree house", "to the river"])))
+    (tmp_path / f"{task}.yaml").write_text(
+        f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc_norm\n")
+    results = []
+    for extra in ([], ["--max-memory", "cpu=1401344", "--offload-folder", str(tmp_path / "off")]):
+        js = tmp_path / f"ev{len(extra)}.json"
+        assert _in_process(["eval", "tiny:mixtral", "--plan", "tlnle:k=2,l=2", "--tasks", task, "--include-path",
+                            str(tmp_path), "--batch-size", "4", "--json", str(js)] + extra) == 0
+        results.append(json.loads(js.read_text())["results"][0])
+    a, b = results
+    assert any((tmp_path / "off").iterdir())
+    assert "acc_norm,none" in a["tasks"][task]["metrics"]
+    assert a["tasks"][task]["metrics"] == b["tasks"][task]["metrics"]
+    assert a["act"] == b["act"] and 1.0 < a["act"] < 2.0
+
+
+def test_local_directory_through_from_pretrained(pair, tmp_path):
+    """A saved model goes through transformers' from_pretrained(device_map=, max_memory=, offload_folder=)."""
+    ref, _, _ = pair
+    d = tmp_path / "model"
+    ref.model.save_pretrained(d)
+    with pytest.raises(ModelError, match=r"decoder layers fit.*--offload-folder"):
+        hookmoe.load(str(d), max_memory={"cpu": _budget(ref, 2)}, tokenizer=ref.tokenizer)
+    mm = hookmoe.load(str(d), max_memory={"cpu": _budget(ref, 2)}, offload_folder=tmp_path / "off",
+                      tokenizer=ref.tokenizer)
+    assert "disk" in set(mm.model.hf_device_map.values())
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), ref.routing("topk:1"), mm.routing("topk:1"):
+        assert torch.equal(ref.model(input_ids=ids).logits, mm.model(input_ids=ids).logits)
+
+
+def test_every_model_loading_command_takes_the_placement_options():
+    from typer.main import get_command
+
+    from hookmoe.cli import build_app
+
+    group = get_command(build_app())
+    for name in ("info", "generate", "eval", "sweep", "search", "compare", "run", "train", "export", "bench"):
+        opts = {o for p in group.get_command(None, name).params for o in p.opts}
+        assert {"--device-map", "--max-memory", "--offload-folder"} <= opts, name

@@ -1,7 +1,8 @@
 """Hook training across processes: data parallelism with torch.distributed.
 
-``torchrun --nproc_per_node N hookmoe train ...`` or ``accelerate launch --num_processes N -m hookmoe.cli train
-...`` start N ranks (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR`` in the environment);
+``torchrun --nproc_per_node N hookmoe train ...`` or ``accelerate launch --multi_gpu --num_processes N -m hookmoe.cli
+train ...`` start N ranks (``accelerate launch --cpu --num_processes 2`` starts one plain process: use torchrun on
+CPU) (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR`` in the environment);
 :func:`init_from_env` joins them into one process group (``nccl`` when CUDA is available, else ``gloo``;
 ``HOOKMOE_DIST_BACKEND`` overrides). Only the Hooks train, so the scheme is plain data parallelism:
 

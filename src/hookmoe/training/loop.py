@@ -430,11 +430,12 @@ class HookTraining:
     def evaluate(self, with_nohook: bool = False) -> dict:
         """Validation metrics of the Hook (and, with ``with_nohook``, of the reduced and native model)."""
         self.hs.train(False)
-        blocks = self.dist.eval_shard(self.val_blocks)  # each rank its shard; token-weighted means all-reduced
+        shard = self.dist.enabled and self.val_blocks.shape[0] >= self.dist.world
+        blocks = self.dist.eval_shard(self.val_blocks) if shard else self.val_blocks  # each rank its shard
         ev = hook_eval(self.mm, blocks, self.plan, self.hs, batch_size=self.local_bs,
                        hidden_layer=self.cfg.hidden_layer, nohook=with_nohook, amp=self.cfg.amp,
                        _routing=self.routing, _teacher_cache=self.val_cache)
-        return self.dist.reduce_eval(ev, blocks.numel())
+        return self.dist.reduce_eval(ev, blocks.numel()) if shard else ev  # token-weighted means all-reduced
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self, *, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
