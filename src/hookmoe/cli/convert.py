@@ -66,21 +66,16 @@ def register_cli(app) -> None:
             if tok is None:
                 raise UserError(f"'{dense_model}' has no tokenizer; calibration text cannot be tokenised")
             blocks = make_blocks(tok, calib, calib_blocks, seq_len, split="train", seed=seed)
-            try:
-                moe = convert_dense(dense, tok, blocks, num_experts=experts, num_shared=shared, top_k=top_k,
-                                    activation_topk=activation_topk, seed=seed, progress=not no_progress)
-                if calibrate_steps > 0:
-                    more = make_blocks(tok, calib, 16, seq_len, split="train", seed=seed + 1)
-                    calibrate_routers(moe, dense, more, steps=calibrate_steps, rank_target=calibrate_target,
-                                      mse_weight=calibrate_mse_weight, seed=seed, progress=not no_progress)
-                if finetune_steps > 0:
-                    ft = make_blocks(tok, calib, finetune_blocks, min(seq_len, 256), split="train", seed=seed + 2)
-                    distill_moe(moe, dense, ft, steps=finetune_steps, lr=finetune_lr, seed=seed,
-                                train=finetune_train, hidden_weight=finetune_hidden_weight,
-                                progress=not no_progress)
-            except ValueError as e:
-                if isinstance(e, UserError):
-                    raise
-                raise UserError(str(e)) from None
+            moe = convert_dense(dense, tok, blocks, num_experts=experts, num_shared=shared, top_k=top_k,
+                                activation_topk=activation_topk, seed=seed, progress=not no_progress)
+            if calibrate_steps > 0:
+                more = make_blocks(tok, calib, 16, seq_len, split="train", seed=seed + 1)
+                calibrate_routers(moe, dense, more, steps=calibrate_steps, rank_target=calibrate_target,
+                                  mse_weight=calibrate_mse_weight, seed=seed, progress=not no_progress)
+            if finetune_steps > 0:
+                ft = make_blocks(tok, calib, finetune_blocks, min(seq_len, 256), split="train", seed=seed + 2)
+                distill_moe(moe, dense, ft, steps=finetune_steps, lr=finetune_lr, seed=seed,
+                            train=finetune_train, hidden_weight=finetune_hidden_weight,
+                            progress=not no_progress)
             save_converted(moe, tok, out)
             print(f"converted {dense_model}: {experts} routed + {shared} shared experts per FFN, top-{top_k} -> {out}")
