@@ -53,3 +53,11 @@ class RuntimeOptionError(UserError):
 
 class ConversionError(UserError):
     """A dense model cannot be converted into an MoE with the given settings (CMoE)."""
+
+
+class AllocationError(UserError):
+    """An allocator cannot produce a plan for the given input."""
+
+
+class FrontierError(UserError):
+    """The frontier cannot run with the given input."""

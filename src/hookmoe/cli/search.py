@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hookmoe.search.allocators import get_allocator
+
 from hookmoe.layerspec import parse_layer_list
 
 from pathlib import Path
@@ -81,6 +83,10 @@ def register_cli(app) -> None:
         split: str = typer.Option("heldout"), n_items: Optional[int] = typer.Option(None),
         batch_size: int = typer.Option(8, min=1), device: str = typer.Option("auto"),
         dtype: str = typer.Option("auto"), seed: int = typer.Option(0),
+        allocator: Optional[str] = typer.Option(None, help="per-layer allocator instead of the §3.3 search: "
+                                                "tlnle, greedy, dp, weights (search/allocators.py); no Hook choice"),
+        act: Optional[float] = typer.Option(None, help="with --allocator: target Act (default: --tolerance)"),
+        calib_blocks: int = typer.Option(8, min=1, help="with --allocator: blocks for the sensitivity"),
     ):
         """TLNLE search (paper §3.3): lower k, then l, within the tolerance; then pick the Hook layer."""
         from hookmoe import report
@@ -88,11 +94,29 @@ def register_cli(app) -> None:
 
         if not tolerance >= 0:
             raise SearchError(f"tolerance must be >= 0, got {tolerance}")
+        if act is not None and allocator is None:
+            raise SearchError("--act needs --allocator (the §3.3 search works from --tolerance)")
+        if allocator is not None:
+            get_allocator(allocator)  # a bad name fails before the model loads
         mm = load_model(model, device=device, dtype=dtype, seed=seed)
         if metric == "lm-eval" and not tasks:
             raise EvalError("--metric lm-eval needs --tasks")
         sc = _scorer_for(mm, metric, data, n_blocks=n_blocks, block_len=block_len, seed=seed, split=split,
                          batch_size=batch_size, tasks=tasks, n_items=n_items, include_path=include_path, limit=limit)
+        if allocator is not None:
+            alloc = get_allocator(allocator)
+            src = calib or (data if metric == "ppl" else "builtin")
+            cb = _eval_blocks(mm, src, calib_blocks, block_len, seed, "train", True) if alloc.needs_sensitivity \
+                else None
+            plan = alloc.allocate(mm, target_act=act, tolerance=None if act is not None else tolerance, calib=cb,
+                                  scorer=sc if act is None else None, progress=True)
+            plan.save(out)
+            a = plan.meta["allocation"]
+            console.print(f"[bold]plan[/bold] ({a['allocator']}) {plan.base}: Act {a['act']:.4g}"
+                          + (f" (target {a['target_act']:g}{'' if a['exact'] else ', nearest below'})"
+                             if a.get("target_act") is not None else f" (tolerance {100 * tolerance:g}%)"))
+            console.print(f"wrote {out}")
+            return
         tb = None
         if hook:
             src = calib or (data if metric == "ppl" else "builtin")
@@ -193,12 +217,20 @@ def register_cli(app) -> None:
         hook_candidates: Optional[str] = typer.Option(None, help="candidate Hook layers, e.g. 8-20"),
         batch_size: int = typer.Option(8, min=1), device: str = typer.Option("auto"),
         dtype: str = typer.Option("auto"), seed: int = typer.Option(0),
+        allocator: Optional[str] = typer.Option(None, help="allocate the reduced plan the Hook is trained for "
+                                                "per layer: tlnle, greedy, dp, weights (default: uniform k-1)"),
+        act: Optional[float] = typer.Option(None, help="with --allocator: its target Act (default: the Act of "
+                                            "uniform k-1 after the search)"),
     ):
         """One command: sweep → search → train → eval → report (report.md, plots, hook artifact, JSON)."""
         import sys
 
         if not tolerance >= 0:
             raise SearchError(f"tolerance must be >= 0, got {tolerance}")
+        if act is not None and allocator is None:
+            raise SearchError("--act needs --allocator")
+        if allocator is not None:
+            get_allocator(allocator)  # a bad name fails before the model loads
         mm = load_model(model, device=device, dtype=dtype, seed=seed)
         res = run_pipeline(mm, calib=calib, out=out, tolerance=tolerance, data=data, mc=mc, group=group,
                            block_len=block_len, n_train=n_train, n_val=n_val, n_eval=n_eval,
@@ -206,7 +238,8 @@ def register_cli(app) -> None:
                            hook_batch_size=hook_batch_size, objective=objective, max_evals=max_evals,
                            hook_candidates=_parse_int_list(hook_candidates, "--hook-candidates"),
                            batch_size=batch_size, seed=seed, console=console, model_name=model,
-                           command="hookmoe " + " ".join(sys.argv[1:]) if sys.argv else None)
+                           command="hookmoe " + " ".join(sys.argv[1:]) if sys.argv else None,
+                           allocator=allocator, act=act)
         g = res["gap_recovered"]
         console.print(f"[bold]done[/bold] in {res['wall_time_s']:.1f} s: plan {res['search']['plan']}, hook layer "
                       f"{res['hook']['layer']} under {res['hook']['plan']}; gap recovered "

@@ -23,7 +23,7 @@ def run_pipeline(mm, *, calib: str, out: str | Path, tolerance: float = 0.01, da
                  hook_lr: float | None = QUICK_HOOK_LR, hook_batch_size: int = 4, objective: str | None = None,
                  max_evals: int | None = None, hook_candidates: Sequence[int] | None = None, batch_size: int = 8,
                  seed: int = 0, console=None, progress: bool = True, model_name: str | None = None,
-                 command: str | None = None) -> dict:
+                 command: str | None = None, allocator: str | None = None, act: float | None = None) -> dict:
     """sweep → search → train → eval → report, all on one loaded model; everything lands in ``out``."""
     from hookmoe import report
     from hookmoe.data.blocks import make_blocks
@@ -79,6 +79,16 @@ def run_pipeline(mm, *, calib: str, out: str | Path, tolerance: float = 0.01, da
 
     hook_plan = sr["hook"]["plan"] if sr.get("hook") else f"topk:{max(1, sr['k'] - 1)}"
     hook_layer = sr["hook"]["layer"] if sr.get("hook") else default_hook_layer(mm)
+    allocation = None
+    if allocator is not None:  # the reduced plan comes from an allocator (search/allocators.py) at the same Act
+        from hookmoe.search.allocators import get_allocator, plan_ks
+
+        ks0 = plan_ks(mm, hook_plan)
+        target = float(act) if act is not None else sum(ks0.values()) / len(ks0)
+        say(f"[bold]3/6 allocate[/bold]: {allocator} at Act {target:g} (sensitivity on the validation blocks)")
+        ap = get_allocator(allocator).allocate(mm, target_act=target, calib=val_blocks, progress=progress)
+        allocation = ap.meta["allocation"]
+        hook_plan = ap.base
     Plan(base=hook_plan, meta={"hook_layer": hook_layer, "hook_dir": "hook"}).save(out / "hook_plan.json")
     t = time.perf_counter()
     say(f"[bold]4/6 train[/bold]: Hook at layer {hook_layer} under {hook_plan}, {hook_steps} steps")
@@ -128,7 +138,7 @@ def run_pipeline(mm, *, calib: str, out: str | Path, tolerance: float = 0.01, da
     summary = {
         "model": model_name or mm.source, "command": command, "calib": calib, "data": data or calib,
         "tolerance": tolerance, "block_len": block_len, "n_train": n_train, "n_val": n_val, "n_eval": n_eval,
-        "search": {k: v for k, v in sr.items() if k != "log"}, "plan": splan.to_dict(),
+        "search": {k: v for k, v in sr.items() if k != "log"}, "plan": splan.to_dict(), "allocation": allocation,
         "hook": {"layer": hook_layer, "plan": hook_plan, "dir": str(out / "hook"), "steps": hook_steps,
                  "metrics": _jsonable(getattr(tr, "metrics", None))},
         "evals": evals, "gap_recovered": gap, "gap_recovered_mc": gap_mc, "timings_s": timings,

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError, ModelError, UserError
-from .spec import ARCH_PREFIX, ENGINE_KEY, EXPORT_NAME, NOT_SERVED, VLLM_ARCHS
+from hookmoe.errors import ArtifactError, ModelError, UserError
+from hookmoe.serving.spec import ARCH_PREFIX, ENGINE_KEY, EXPORT_NAME, NOT_SERVED, VLLM_ARCHS
 
 TARGETS = ("vllm", "transformers")
 
@@ -46,7 +46,7 @@ class ExportResult:
 
 def uniform_k(mm, plan: Any) -> int | None:
     """K when ``plan`` runs the same static k in every MoE layer of ``mm`` (``native`` = the native k), else None."""
-    from ..routing import Native, Plan, TopK
+    from hookmoe.routing.plan import Native, Plan, TopK
 
     rules = Plan.parse(plan).resolve(mm)
     ks = set()
@@ -67,8 +67,9 @@ def export_for_engine(mm, out: str | Path, *, plan: Any = None, hook: str | Path
     ``plan`` defaults to the Hook's training plan, else ``native``; ``hook`` is an artifact directory
     (default: the Hooks attached to ``mm``, if any).
     """
-    from ..hook import attach_hooks, export_model, get_hooks, remove_hooks
-    from ..routing import Plan
+    from hookmoe.hook.inject import attach_hooks, get_hooks, remove_hooks
+    from hookmoe.hook.export import export_model
+    from hookmoe.routing.plan import Plan
 
     if target not in TARGETS:
         raise UserError(f"unknown --target '{target}' (use one of: {', '.join(TARGETS)})")
