@@ -52,7 +52,10 @@ def register_cli(app) -> None:
         from hookmoe.cli.common import progress_bars
         from hookmoe.data.blocks import make_blocks
         from hookmoe.errors import UserError
+        from hookmoe.files import atomic_dir, check_output
         from hookmoe.models.loading import load_causal_lm
+
+        check_output(out, kind="dir", flag="--out")  # before minutes of loading and converting
 
         if calibrate_target not in ("auto",) + RANK_TARGETS:  # refused before minutes of loading and converting
             raise UserError(f"--calibrate-target must be auto, {' or '.join(RANK_TARGETS)}; got '{calibrate_target}'")
@@ -79,5 +82,6 @@ def register_cli(app) -> None:
                 if isinstance(e, UserError):
                     raise
                 raise UserError(str(e)) from None
-            save_converted(moe, tok, out)
+            with atomic_dir(out) as work:  # a model already there is replaced only once the new one is complete
+                save_converted(moe, tok, work)
             print(f"converted {dense_model}: {experts} routed + {shared} shared experts per FFN, top-{top_k} -> {out}")

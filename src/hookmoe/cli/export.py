@@ -21,16 +21,18 @@ def register_cli(app) -> None:
         hook: Path = typer.Option(..., help="hook artifact directory (from `hookmoe train`)"),
         out: Path = typer.Option(..., help="output directory"),
         plan: Optional[str] = typer.Option(None, help=PLAN_HELP + " (default: the plan the hook was trained for)"),
-        overwrite: bool = typer.Option(False, help="replace a non-empty output directory"),
         device: str = typer.Option("cpu", help="cpu | cuda | auto"),
         dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
         seed: int = typer.Option(0, help="seed for tiny:<arch> models"),
     ):
         """Write MODEL + hook + plan to one directory that `hookmoe.models.load(OUT)` restores."""
+        from hookmoe.files import check_output
+
+        check_output(out, kind="dir", flag="--out")
         m = read_manifest(hook)  # fail early on a bad artifact, before loading the model
         mm = load_model(model, device=device, dtype=dtype, seed=seed)
         _check_compat(mm, m, hook, strict=True)
-        path = export_model(mm, out, plan=plan, hook=hook, overwrite=overwrite)
+        path = export_model(mm, out, plan=plan, hook=hook)
         from hookmoe.routing.plan import Plan
 
         p = Plan.parse(plan).describe() if plan else (Plan.from_dict(m["plan"]).describe() if m.get("plan") else "native")

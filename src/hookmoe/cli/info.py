@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, act_table, console, default_plan, load_model
-from hookmoe.cli.common import write_json
+from hookmoe.cli.common import check_json_out, write_json
 
 
 
@@ -62,6 +62,7 @@ def register_cli(app) -> None:
         """Generate text (greedy) under a routing plan and print the per-layer Act table."""
         import torch
 
+        check_json_out(as_json)
         mm = load_model(model, hook=hook, device=device, dtype=dtype)
         with mm.routing(default_plan(mm, plan)) as patch:
             enc = mm.encode(prompt)

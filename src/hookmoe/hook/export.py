@@ -41,7 +41,7 @@ def _hooks_detached(mm):
 
 
 def export_model(mm, out: str | Path, *, plan: Any = None, hook: str | Path | HookSet | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool | None = None) -> Path:
     """Write ``mm``'s base model + tokenizer, a hook and a plan to ``out`` for :func:`load_export`.
 
     ``hook`` is an artifact directory or a HookSet (default: the Hooks in ``mm``); ``plan`` defaults to
@@ -50,9 +50,9 @@ def export_model(mm, out: str | Path, *, plan: Any = None, hook: str | Path | Ho
     from hookmoe.errors import PlanError
     from hookmoe.routing.plan import Dynamic, Plan
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ArtifactError(f"export directory {out} exists and is not empty")
+    from hookmoe.files import check_output, replace_dir
+
+    out = check_output(out, kind="dir", flag="--out", overwrite=overwrite)
     if isinstance(hook, (str, Path)):
         remove_hooks(mm)
         hs = attach_hooks(mm, hook)
@@ -86,9 +86,7 @@ def export_model(mm, out: str | Path, *, plan: Any = None, hook: str | Path | Ho
             "plan": "plan.json",
             "hook": "hook" if hs is not None else None,
         })
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)  # an old export is moved aside and deleted only once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

