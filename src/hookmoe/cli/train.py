@@ -77,7 +77,7 @@ def register_cli(app) -> None:
             fail(f"--resume: {out} holds no checkpoint to continue (start a new run without --resume)")
         in_place = resume or not (out.is_dir() and any(out.iterdir()))
         if not in_place and not overwrite_allowed() and has_checkpoint(out):
-            fail(f"--out {out} holds the checkpoint of an interrupted run; pass --resume to continue it or "
+            fail(f"--out {out} holds a training run's checkpoint; pass --resume to continue it or "
                  "--overwrite to start over")
         check_json_out(as_json)
         mm = load_model(model, device=device, dtype=dtype, seed=seed)

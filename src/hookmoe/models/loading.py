@@ -119,6 +119,8 @@ def load_causal_lm(spec: str, *, dtype: str | torch.dtype | None = "auto", devic
                 raise ModelError(f"'{spec}' is a path but holds no config.json (not a model directory)")
             if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
                 raise ModelError(f"model path not found: {spec}")
+            if not path.exists():
+                check_hub_reachable(spec)  # offline: one line at once, not minutes of retries
             cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
             if getattr(cfg, "model_type", None) in UNSUPPORTED_MOE:
                 raise ModelError(_refusal(cfg.model_type))
@@ -126,12 +128,79 @@ def load_causal_lm(spec: str, *, dtype: str | torch.dtype | None = "auto", devic
             model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code, **kw)
     except ModelError:
         raise
-    except (OSError, ValueError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load model '{spec}': {msg}") from e
+    except Exception as e:  # noqa: BLE001 - every loader failure becomes one line (see _load_failure)
+        raise _load_failure(spec, path, e) from None
     model = model.to(dev).eval()
     cpu_gemm.accelerate(model)
     return model, tok
+
+
+def _load_failure(spec: str, path: Path, e: BaseException) -> ModelError:
+    """One line for a model that cannot be loaded: corrupt GGUF, truncated safetensors, a pickle checkpoint that
+    ``torch.load(weights_only=True)`` refuses (it is never executed), or transformers' own message."""
+    import pickle
+
+    name = type(e).__name__
+    if path.suffix == ".gguf" and isinstance(e, (UnicodeDecodeError, ValueError, KeyError, IndexError, EOFError,
+                                                 _struct_error())):
+        return ModelError(f"cannot load model '{spec}': not a valid GGUF file (corrupt or truncated)")
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return ModelError(f"cannot load model '{spec}': its pickle weights (.bin) were refused by torch's safe loader "
+                          "(weights_only) and were not executed; use a model saved as safetensors")
+    if "safetensor" in name.lower() or "safetensor" in str(e).lower()[:200]:
+        return ModelError(f"cannot load model '{spec}': a safetensors weights file is corrupt or truncated")
+    if isinstance(e, (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, AttributeError)):
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else name
+        return ModelError(f"cannot load model '{spec}': {msg}")
+    return ModelError(f"cannot load model '{spec}' ({name})")
+
+
+def _struct_error() -> type:
+    import struct
+
+    return struct.error
+
+
+_HUB_REACHABLE: bool | None = None
+
+
+def check_hub_reachable(spec: str, timeout: float = 3.0) -> None:
+    """Fail fast for a hub id that cannot be fetched: with ``HF_HUB_OFFLINE=1`` (honoured) or when the hub does not
+    answer one quick connection attempt (made once per process), a model that is not in the local cache is refused
+    with one line instead of transformers' minutes of retries. A cached model loads offline."""
+    global _HUB_REACHABLE
+    import os
+    import socket
+
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return
+    try:
+        cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the cache cannot parse: let transformers word it
+        return
+    offline = str(os.environ.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on") or \
+        bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    if offline:
+        if not cached:
+            raise ModelError(f"model '{spec}' is not a local path and not in the hub cache, and the hub is off "
+                             "(HF_HUB_OFFLINE is set)")
+        return
+    if _HUB_REACHABLE is None:
+        from urllib.parse import urlparse
+
+        host = urlparse(getattr(constants, "ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    if not _HUB_REACHABLE:
+        if not cached:
+            raise ModelError(f"model '{spec}' is not a local path, and the model hub cannot be reached (no network); "
+                             "give a local directory or .gguf file, or tiny:<arch>")
+        constants.HF_HUB_OFFLINE = True  # cached: load it without minutes of retries
 
 
 def _register_converted_type() -> None:
