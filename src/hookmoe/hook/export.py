@@ -93,15 +93,30 @@ def export_model(mm, out: str | Path, *, plan: Any = None, hook: str | Path | Ho
     return out
 
 
+_OPT_STR = (str, type(None))
+
+#: hookmoe_export.json: every key and its JSON type (unknown keys and wrong types are refused).
+EXPORT_SCHEMA = {"format": str, "hookmoe_version": str, "created": str, "base_model": (dict, type(None)),
+                 "tokenizer_class": _OPT_STR, "plan": _OPT_STR, "hook": _OPT_STR}
+
+
 def load_export(path: str | Path, **kw):
     """Load a directory written by :func:`export_model`: base model, tokenizer, hook and plan applied."""
+    from hookmoe.files import check_keys, inside, read_json_file
+
     d = Path(path)
-    try:
-        m = json.loads((d / EXPORT_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{d / EXPORT_NAME} is missing or corrupt") from e
+    where = str(d / EXPORT_NAME)
+    m = read_json_file(d / EXPORT_NAME, what="export manifest", error=ArtifactError)
     if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT:
-        raise ArtifactError(f"{d / EXPORT_NAME} has an unsupported format (expected {EXPORT_FORMAT!r})")
+        raise ArtifactError(f"{where} has an unsupported format (expected {EXPORT_FORMAT!r})")
+    check_keys(m, EXPORT_SCHEMA, where=where, required=("format",), error=ArtifactError)
+    if m.get("base_model") is not None:
+        from hookmoe.hook.artifact import BASE_MODEL_SCHEMA
+
+        check_keys(m["base_model"], BASE_MODEL_SCHEMA, where=f"{where}: 'base_model'", error=ArtifactError)
+    for key in ("plan", "hook"):  # artifact-internal paths stay inside the export folder
+        if m.get(key) is not None:
+            inside(d, m[key], where=f"{where}: '{key}'", error=ArtifactError)
     model, tok = load_causal_lm(str(d), **kw)
     if tok is None or (m.get("tokenizer_class") and type(tok).__name__ != m["tokenizer_class"]):
         tok = _load_tokenizer_class(d, m.get("tokenizer_class")) or tok

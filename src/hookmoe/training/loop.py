@@ -260,7 +260,7 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
     ckpt_every = cfg.checkpoint_every or eval_every
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
-        raise TrainingError("resume needs the output directory of the interrupted run")
+        raise TrainingError("--resume needs the --out folder of the interrupted run")
     data_digest = _blocks_digest(train_blocks)
 
     # ---- resume: read the checkpoint before touching the model -------------------------------
@@ -275,13 +275,14 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
         diff = [k for k in _IDENTITY_KEYS if old_cfg.get(k) != new_cfg.get(k)]
         if diff:
             k = diff[0]
-            raise ArtifactError(f"cannot resume: the checkpoint in {out} was made with {k}={old_cfg.get(k)!r}, "
-                                f"this run has {k}={new_cfg.get(k)!r}")
+            flag = {"layers": "--layer"}.get(k, "--" + k.replace("_", "-"))
+            raise ArtifactError(f"cannot resume: the checkpoint in {out} was made with {flag} {old_cfg.get(k)!r}, "
+                                f"this run has {flag} {new_cfg.get(k)!r}; resume with the same settings")
         if ckpt[0].get("data_digest") != data_digest:
             raise ArtifactError(f"cannot resume: the checkpoint in {out} was trained on different calibration data")
     elif out is not None and _find_checkpoint(out) is not None:
-        raise TrainingError(f"{out} already holds a training checkpoint; pass resume to continue it or choose "
-                            "another output directory")
+        raise TrainingError(f"{out} already holds a training checkpoint; pass --resume to continue it or choose "
+                            "another --out")
 
     # ---- model setup ----------------------------------------------------------------------------
     _hidden_module(mm, cfg.hidden_layer)  # validates hidden_layer
