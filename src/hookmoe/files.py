@@ -89,7 +89,7 @@ def overwriting(value: bool) -> Iterator[None]:
         OVERWRITE.reset(token)
 
 
-def _writable_parent(path: Path, flag: str) -> None:
+def _writable_parent(path: Path, flag: str, error: type = UserError) -> None:
     """Refuse ``path`` when no folder can be created or written where it goes."""
     parent = path.parent
     while not parent.exists():
@@ -97,13 +97,14 @@ def _writable_parent(path: Path, flag: str) -> None:
             break
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"{flag}: cannot create {path}: {parent} is a file, not a folder")
+        raise error(f"{flag}: cannot create {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: cannot write {path}: {parent} is not writable")
+        raise error(f"{flag}: cannot write {path}: {parent} is not writable")
 
 
 def check_output(path: str | Path | None, *, kind: str = "dir", flag: str = "--out",
-                 resumable: Optional[Callable[[Path], bool]] = None, overwrite: Optional[bool] = None) -> Optional[Path]:
+                 resumable: Optional[Callable[[Path], bool]] = None, overwrite: Optional[bool] = None,
+                 error: type = UserError) -> Optional[Path]:
     """Check an output path before any work is done; returns it as a Path (``None`` / ``-`` pass through).
 
     ``kind="dir"``: a folder the command fills; an existing empty folder is fine. ``kind="file"``: one file.
@@ -113,21 +114,21 @@ def check_output(path: str | Path | None, *, kind: str = "dir", flag: str = "--o
     """
     if path is None or str(path) == "-":
         return None if path is None else Path(str(path))
-    p = Path(path).expanduser()
     if str(path).strip() == "":
-        raise UserError(f"{flag} must not be empty")
+        raise error(f"{flag} must not be empty")
+    p = Path(path).expanduser()
     if kind == "file":
         if p.is_dir():
-            raise UserError(f"{flag}: {p} is a folder; give a file name")
+            raise error(f"{flag}: {p} is a folder; give a file name")
     elif p.exists() and not p.is_dir():
-        raise UserError(f"{flag}: {p} is a file; give a folder (new or empty)")
-    _writable_parent(p, flag)
+        raise error(f"{flag}: {p} is a file; give a folder (new or empty)")
+    _writable_parent(p, flag, error)
     if p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: {p} is not writable")
+        raise error(f"{flag}: {p} is not writable")
     exists = p.is_file() or (p.is_dir() and any(p.iterdir()))
     if exists and not (resumable is not None and resumable(p)) and not overwrite_allowed(overwrite):
         what = "file" if kind == "file" else "folder"
-        raise UserError(f"{flag}: {p} already exists and is not empty; choose another {what} or pass --overwrite "
+        raise error(f"{flag}: {p} already exists and is not empty; choose another {what} or pass --overwrite "
                         "to replace it" if kind == "dir" else
                         f"{flag}: {p} already exists; choose another file name or pass --overwrite to replace it")
     return p

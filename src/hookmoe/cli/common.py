@@ -218,6 +218,10 @@ def run(argv: Optional[List[str]] = None) -> None:
         sys.exit(130)
     except RecursionError:  # e.g. a JSON file nested thousands deep
         fail("input nested too deeply to read")
+    except OSError as e:  # a file that vanished, a full disk, a folder made read-only mid-run: one line
+        if getattr(e, "filename", None) is None:
+            raise
+        fail(f"cannot use {e.filename}: {e.strerror or type(e).__name__}")
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(0)

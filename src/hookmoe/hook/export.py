@@ -52,7 +52,7 @@ def export_model(mm, out: str | Path, *, plan: Any = None, hook: str | Path | Ho
 
     from hookmoe.files import check_output, replace_dir
 
-    out = check_output(out, kind="dir", flag="--out", overwrite=overwrite)
+    out = check_output(out, kind="dir", flag="--out", overwrite=overwrite, error=ArtifactError)
     if isinstance(hook, (str, Path)):
         remove_hooks(mm)
         hs = attach_hooks(mm, hook)
