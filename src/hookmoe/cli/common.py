@@ -143,11 +143,11 @@ def add_overwrite(command) -> None:
     """Give a click command the generic ``--overwrite`` flag: it sets :data:`hookmoe.files.OVERWRITE` for the run
     (checked by :func:`hookmoe.files.check_output`), so command signatures need not carry it."""
     inner = command.callback
-    if inner is None or getattr(inner, "_hookmoe_overwrite", False) or command.name in _NO_OUTPUT:
+    if inner is None or getattr(inner, "_hookmoe_overwrite", False):
         return
     import functools
 
-    own = any(p.name == "overwrite" for p in command.params)
+    own = any(p.name == "overwrite" for p in command.params) or command.name in _NO_OUTPUT
     if not own:
         command.params.append(_overwrite_param())
 
@@ -156,8 +156,16 @@ def add_overwrite(command) -> None:
         from hookmoe.files import overwriting
 
         flag = kwargs.get("overwrite", False) if own else kwargs.pop("overwrite", False)
-        with overwriting(bool(flag)):
-            return inner(*args, **kwargs)
+        token = INTERRUPTED.set(None)
+        try:
+            with overwriting(bool(flag)):
+                return inner(*args, **kwargs)
+        except KeyboardInterrupt:  # typer turns it into exit status 130 without a word: say what was kept
+            err_console.print(INTERRUPTED.get() or "interrupted: no existing output was replaced; run the command "
+                              "again to start over", highlight=False)
+            raise
+        finally:
+            INTERRUPTED.reset(token)
 
     callback._hookmoe_overwrite = True
     command.callback = callback

@@ -69,7 +69,8 @@ def register_cli(app) -> None:
             with torch.no_grad():
                 out = mm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=mm.tokenizer.pad_token_id)
-            text = mm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = [i for i in out[0, enc["input_ids"].shape[1]:].tolist() if i < len(mm.tokenizer)]  # a random
+            text = mm.tokenizer.decode(new, skip_special_tokens=True)  # model may emit ids past the tokenizer's
             per_layer = patch.stats.act_per_layer()
             result = {"model": model, "plan": patch.plan.describe(), "prompt": prompt, "text": text,
                       "act": patch.stats.act(), "act_per_layer": per_layer, "rules": patch.per_layer()}

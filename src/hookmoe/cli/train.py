@@ -80,6 +80,9 @@ def register_cli(app) -> None:
             fail(f"--out {out} holds a training run's checkpoint; pass --resume to continue it or "
                  "--overwrite to start over")
         check_json_out(as_json)
+        from hookmoe.routing.plan import Plan
+
+        Plan.parse(plan)  # a malformed plan fails before the model loads and the data is read
         mm = load_model(model, device=device, dtype=dtype, seed=seed)
         layers = parse_layers(layer, mm)
         try:
