@@ -55,12 +55,12 @@ def register_cli(app) -> None:
         from hookmoe.files import atomic_dir, check_output
         from hookmoe.models.loading import load_causal_lm
 
-        check_output(out, kind="dir", flag="--out")  # before minutes of loading and converting
 
         if calibrate_target not in ("auto",) + RANK_TARGETS:  # refused before minutes of loading and converting
             raise UserError(f"--calibrate-target must be auto, {' or '.join(RANK_TARGETS)}; got '{calibrate_target}'")
         if calibrate_mse_weight is not None and calibrate_mse_weight < 0:
             raise UserError(f"--calibrate-mse-weight must be >= 0, got {calibrate_mse_weight}")
+        check_output(out, kind="dir", flag="--out")  # before minutes of loading and converting
         with progress_bars(not no_progress):  # transformers' loading bars too
             dense, tok = load_causal_lm(dense_model, dtype="float32", device="cpu")
             if tok is None:
