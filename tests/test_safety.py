@@ -193,6 +193,7 @@ def test_export_overwrite_and_a_json_file_written_atomically(artifact, tmp_path,
     (["info", "runs/[red]x"], "runs/[red]x"),
     (["eval", "tiny:mixtral", "--data", "builtin", "--plan", "topk:[/x]"], "[/x]"),
     (["generate", "tiny:mixtral", "--prompt", "x", "--hook", "h[/i]ook"], "h[/i]ook"),
+    (["eval", "tiny:mixtral", "--data", "d[/b]ata.txt"], "d[/b]ata.txt"),
     (["train", "tiny:mixtral", "--out", "r[b]x/[/b]", "--plan", "topk:[/x]", "--layer", "1"], "[/x]"),
 ])
 def test_user_text_is_never_read_as_markup(args, shown, capsys, tmp_path, monkeypatch):
@@ -403,19 +404,20 @@ def test_offline_hub_ids_fail_fast(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     refused(["info", "someorg/not-cached-model"], capsys, match="HF_HUB_OFFLINE")
+    refused(["eval", "tiny:mixtral", "--data", "c4"], capsys, match="HF_HUB_OFFLINE")
     assert time.perf_counter() - t0 < 5
 
 
 def test_no_network_is_detected_once(monkeypatch, capsys):
     import socket
 
-    import hookmoe.models.loading as L
+    import hookmoe.compat as C
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(L, "_HUB_REACHABLE", None)
+    monkeypatch.setattr(C, "_HUB_REACHABLE", None)
     calls = []
 
     def no_net(*a, **k):
@@ -425,6 +427,7 @@ def test_no_network_is_detected_once(monkeypatch, capsys):
     monkeypatch.setattr(socket, "create_connection", no_net)
     refused(["info", "someorg/model-a"], capsys, match="cannot be reached")
     refused(["info", "someorg/model-b"], capsys, match="cannot be reached")
+    refused(["eval", "tiny:mixtral", "--data", "hf:someorg/texts"], capsys, match="cannot be reached")
     assert len(calls) == 1
 
 

@@ -1,4 +1,12 @@
-"""Writing files without ever leaving a half-written one: the one JSON encoder and the atomic writers.
+"""Writing files without ever leaving a half-written one, and reading hookmoe's files strictly.
+
+The output policy (issue 18), one for every command: :func:`check_output` runs before any work and refuses an output
+that exists (unless it is the command's own resumable state, or ``--overwrite`` was given: :data:`OVERWRITE`), a
+folder given for a file and the reverse, and a place that cannot be written. Folders are filled in a temporary
+sibling and moved into place (:func:`atomic_dir` / :func:`replace_dir`: an old folder is moved aside and deleted
+only after the new one is in place); single files go through :func:`atomic_write_text` / :func:`save_figure`.
+Files hookmoe reads are parsed with :func:`read_json_file` (UTF-8, one-line errors) and checked with
+:func:`check_keys` (unknown keys and wrong types refused by name); paths inside an artifact with :func:`inside`.
 
 Every artifact, report and JSON hookmoe writes goes through :func:`atomic_write_text` / :func:`write_json`: the bytes
 go to a temporary sibling that is renamed over the target only once complete, so an interrupted or failed run never
@@ -7,11 +15,17 @@ leaves a truncated file where a good one was.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+
+from hookmoe.errors import UserError
 
 
 def json_default(o: Any) -> Any:
@@ -63,13 +77,6 @@ def write_json(path: str | Path, obj: Any) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # The output policy: an existing output is never replaced without ``--overwrite``; checked before any work.
 
-import contextlib
-import contextvars
-import shutil
-import uuid
-from typing import Callable, Iterable, Iterator, Mapping, Optional
-
-from hookmoe.errors import UserError
 
 #: Set for one command invocation by the CLI's generic ``--overwrite`` flag (library callers pass ``overwrite=``).
 OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("hookmoe_overwrite", default=False)

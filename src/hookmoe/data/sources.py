@@ -184,14 +184,20 @@ def _row_text(row: Any, spec: _HubSpec) -> str:
             fields = ", ".join(sorted(map(str, row))) or "none"
             raise DataError(
                 f"Hub dataset {spec.dataset} has no text field '{name}' (its fields: {fields}); "
-                "choose the text field with text_field."
+                "choose another text field."
             )
         pieces.append(value.strip())
     return "\n".join(pieces).strip()
 
 
 def _iter_hub(spec: _HubSpec, shuffle_seed: int | None) -> Iterator[str]:
+    from hookmoe.compat import hub_offline_reason
+
     datasets = _import_datasets()
+    reason = hub_offline_reason()
+    if reason is not None:  # one line now, not minutes of retries
+        raise DataError(f"Hub dataset {spec.dataset} is streamed from the hub, but {reason}; use builtin or a local "
+                        "text file or folder.")
     yielded = False
     try:
         iterators = []

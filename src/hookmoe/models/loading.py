@@ -161,46 +161,25 @@ def _struct_error() -> type:
     return struct.error
 
 
-_HUB_REACHABLE: bool | None = None
-
-
-def check_hub_reachable(spec: str, timeout: float = 3.0) -> None:
-    """Fail fast for a hub id that cannot be fetched: with ``HF_HUB_OFFLINE=1`` (honoured) or when the hub does not
-    answer one quick connection attempt (made once per process), a model that is not in the local cache is refused
-    with one line instead of transformers' minutes of retries. A cached model loads offline."""
-    global _HUB_REACHABLE
-    import os
-    import socket
+def check_hub_reachable(spec: str) -> None:
+    """Fail fast for a hub id that cannot be fetched (see :func:`hookmoe.compat.hub_offline_reason`): a model that is
+    not in the local hub cache is refused with one line instead of transformers' minutes of retries; a cached one
+    loads offline."""
+    from hookmoe.compat import hub_offline_reason
 
     try:
         from huggingface_hub import constants, try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers depends on it
-        return
-    try:
+
         cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
     except Exception:  # noqa: BLE001 - an id the cache cannot parse: let transformers word it
         return
-    offline = str(os.environ.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on") or \
-        bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    if offline:
-        if not cached:
-            raise ModelError(f"model '{spec}' is not a local path and not in the hub cache, and the hub is off "
-                             "(HF_HUB_OFFLINE is set)")
+    reason = hub_offline_reason()
+    if reason is None:
         return
-    if _HUB_REACHABLE is None:
-        from urllib.parse import urlparse
-
-        host = urlparse(getattr(constants, "ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            _HUB_REACHABLE = True
-        except OSError:
-            _HUB_REACHABLE = False
-    if not _HUB_REACHABLE:
-        if not cached:
-            raise ModelError(f"model '{spec}' is not a local path, and the model hub cannot be reached (no network); "
-                             "give a local directory or .gguf file, or tiny:<arch>")
-        constants.HF_HUB_OFFLINE = True  # cached: load it without minutes of retries
+    if not cached:
+        raise ModelError(f"model '{spec}' is not a local path or in the hub cache, and {reason}; give a local "
+                         "directory or .gguf file, or tiny:<arch>")
+    constants.HF_HUB_OFFLINE = True  # cached: load it without minutes of retries
 
 
 def _register_converted_type() -> None:
