@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/hookmoe demo
+	$(BIN)/hookmoe demo --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info
