@@ -146,6 +146,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise UserError(f"--hook-inner-size must be >= 0, got {cfg.hook_inner_size}")
     if cfg.finetune_train not in cv.FINETUNE_PARTS:  # checked before minutes of loading and converting
         raise UserError(f"--finetune-train must be one of {', '.join(cv.FINETUNE_PARTS)}, got '{cfg.finetune_train}'")
+    if cfg.hook_layers is not None and str(cfg.hook_layers).strip().lower() != "all":
+        from hookmoe.hook.inject import parse_layers
+
+        parse_layers(cfg.hook_layers)  # syntax now; the range once the model is loaded
     final = check_output(cfg.out, kind="dir", flag="--out")  # before minutes of work
     gguf = locate_model(cfg.model)  # a missing model package: one line with the command that installs it
     _check_shape(cfg)

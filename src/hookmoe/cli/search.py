@@ -162,6 +162,10 @@ def register_cli(app) -> None:
         from hookmoe.files import atomic_dir, check_output
 
         check_output(out, kind="dir", flag="--out")
+        if hook is not None:  # a bad --hook is refused now, not turned into a note in the table
+            from hookmoe.hook.artifact import read_weights
+
+            read_weights(hook)
         ms = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         if ms:
             bad = [m for m in ms if m not in METHODS]
