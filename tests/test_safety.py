@@ -499,3 +499,14 @@ def test_tiny_deepseek_runs_padded_batches(arch, tiny_models, capsys):
     code, out_text, err = cli(["generate", f"tiny:{arch}", "--prompt", "Hi", "--max-new-tokens", "2",
                                "--device", "cpu"], capsys)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("command", ["sweep", "convert", "train", "demo"])
+def test_overwrite_never_replaces_foreign_or_enclosing_folders(command, tmp_path, capsys, monkeypatch):
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
+    refused(DIR_COMMANDS[command](mine) + ["--overwrite"], capsys, mine, match="did not write")
+    monkeypatch.chdir(mine)
+    refused(DIR_COMMANDS[command](".") + ["--overwrite"], capsys, mine, match="current")
+    refused(DIR_COMMANDS[command](tmp_path) + ["--overwrite"], capsys, tmp_path, match="current")

@@ -133,12 +133,32 @@ def check_output(path: str | Path | None, *, kind: str = "dir", flag: str = "--o
     if p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
         raise error(f"{flag}: {p} is not writable")
     exists = p.is_file() or (p.is_dir() and any(p.iterdir()))
+    if exists and kind == "dir" and overwrite_allowed(overwrite) and not (resumable is not None and resumable(p)):
+        _replaceable(p, flag, error)
     if exists and not (resumable is not None and resumable(p)) and not overwrite_allowed(overwrite):
         what = "file" if kind == "file" else "folder"
         raise error(f"{flag}: {p} already exists and is not empty; choose another {what} or pass --overwrite "
                         "to replace it" if kind == "dir" else
                         f"{flag}: {p} already exists; choose another file name or pass --overwrite to replace it")
     return p
+
+
+#: Files by which a folder is recognised as hookmoe's own output: --overwrite replaces only such folders.
+OUTPUT_MARKERS = ("hookmoe_config.yaml", "hookmoe.json", "hookmoe_export.json", "cmoe.json", "demo.json",
+                  "results.json", "sweep.json", "compare.json", "report.md", "checkpoint")
+
+
+def _replaceable(p: Path, flag: str, error: type) -> None:
+    """--overwrite may replace a folder only when it is a hookmoe output: never the current folder or one above it,
+    the home folder or the root, nor a folder of files hookmoe did not write."""
+    r = p.resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if r == cwd or r in cwd.parents or r == home or r == Path(r.anchor):
+        raise error(f"{flag}: {p} holds the current, home or root folder; --overwrite will not replace it, "
+                    "choose a folder of its own")
+    if not any((r / m).exists() for m in OUTPUT_MARKERS):
+        raise error(f"{flag}: {p} holds files hookmoe did not write; --overwrite replaces only hookmoe outputs, "
+                    "choose another folder")
 
 
 def _sibling(path: Path, tag: str) -> Path:
