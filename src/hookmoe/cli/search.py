@@ -232,13 +232,13 @@ def register_cli(app) -> None:
         check_output(out, kind="dir", flag="--out")
         mm = load_model(model, device=device, dtype=dtype, seed=seed)
         with atomic_dir(out) as work:  # report.md, plots, hook/ land together, or not at all
-            res = run_pipeline(mm, calib=calib, out=work, final_out=out, tolerance=tolerance, data=data, mc=mc, group=group,
-                           block_len=block_len, n_train=n_train, n_val=n_val, n_eval=n_eval,
-                           search_hook_steps=search_hook_steps, hook_steps=hook_steps, hook_lr=hook_lr,
-                           hook_batch_size=hook_batch_size, objective=objective, max_evals=max_evals,
-                           hook_candidates=_parse_int_list(hook_candidates, "--hook-candidates"),
-                           batch_size=batch_size, seed=seed, console=console, model_name=model,
-                           command="hookmoe " + " ".join(sys.argv[1:]) if sys.argv else None)
+            res = run_pipeline(mm, calib=calib, out=work, final_out=out, tolerance=tolerance, data=data, mc=mc,
+                               group=group, block_len=block_len, n_train=n_train, n_val=n_val, n_eval=n_eval,
+                               search_hook_steps=search_hook_steps, hook_steps=hook_steps, hook_lr=hook_lr,
+                               hook_batch_size=hook_batch_size, objective=objective, max_evals=max_evals,
+                               hook_candidates=_parse_int_list(hook_candidates, "--hook-candidates"),
+                               batch_size=batch_size, seed=seed, console=console, model_name=model,
+                               command="hookmoe " + " ".join(sys.argv[1:]) if sys.argv else None)
         g = res["gap_recovered"]
         console.print(f"done in {res['wall_time_s']:.1f} s: plan {res['search']['plan']}, hook layer "
                       f"{res['hook']['layer']} under {res['hook']['plan']}; gap recovered "
