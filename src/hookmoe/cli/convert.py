@@ -49,6 +49,7 @@ def register_cli(app) -> None:
         from hookmoe.cli.common import progress_bars
         from hookmoe.data.blocks import make_blocks
         from hookmoe.errors import UserError
+        from hookmoe.files import atomic_dir, check_output
         from hookmoe.models.loading import load_causal_lm
 
         try:  # the converted-model class needs transformers >= 5.23; every other command works without it
@@ -61,6 +62,7 @@ def register_cli(app) -> None:
             raise UserError(f"--calibrate-target must be auto, {' or '.join(RANK_TARGETS)}; got '{calibrate_target}'")
         if calibrate_mse_weight is not None and calibrate_mse_weight < 0:
             raise UserError(f"--calibrate-mse-weight must be >= 0, got {calibrate_mse_weight}")
+        check_output(out, kind="dir", flag="--out")  # before minutes of loading and converting
         with progress_bars(not no_progress):  # transformers' loading bars too
             dense, tok = load_causal_lm(dense_model, dtype="float32", device="cpu")
             if tok is None:
@@ -77,5 +79,6 @@ def register_cli(app) -> None:
                 distill_moe(moe, dense, ft, steps=finetune_steps, lr=finetune_lr, seed=seed,
                             train=finetune_train, hidden_weight=finetune_hidden_weight,
                             progress=not no_progress)
-            save_converted(moe, tok, out)
+            with atomic_dir(out) as work:  # a model already there is replaced only once the new one is complete
+                save_converted(moe, tok, work)
             print(f"converted {dense_model}: {experts} routed + {shared} shared experts per FFN, top-{top_k} -> {out}")

@@ -208,7 +208,7 @@ def frontier(mm, *, calib_blocks: torch.Tensor, eval_blocks: torch.Tensor, acts:
         sens_time = time.perf_counter() - t
         say(f"  {sensitivity['evals']} evaluations in {sens_time:.1f} s")
     for act in acts:
-        say(f"[bold]Act {act:g}[/bold]")
+        say(f"Act {act:g}")
         if uniform:
             for k in sorted({max(1, math.floor(act + 1e-9)), max(1, math.ceil(act - 1e-9))}):
                 t = time.perf_counter()
