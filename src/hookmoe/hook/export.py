@@ -97,7 +97,9 @@ _OPT_STR = (str, type(None))
 
 #: hookmoe_export.json: every key and its JSON type (unknown keys and wrong types are refused).
 EXPORT_SCHEMA = {"format": str, "hookmoe_version": str, "created": str, "base_model": (dict, type(None)),
-                 "tokenizer_class": _OPT_STR, "plan": _OPT_STR, "hook": _OPT_STR}
+                 "tokenizer_class": _OPT_STR, "plan": _OPT_STR, "hook": _OPT_STR,
+                 # written by hookmoe.serving.export (engine-ready exports; checked by serving.spec)
+                 "engine": (dict, type(None))}
 
 
 def load_export(path: str | Path, **kw):
