@@ -13,6 +13,7 @@ import torch
 
 from hookmoe.errors import ArtifactError
 
+from hookmoe.hook.compensators import DEFAULT_KIND, kind_name, parse_kind
 from hookmoe.hook.module import HOOK_FORMAT
 
 
@@ -55,8 +56,18 @@ def read_manifest(directory: str | Path) -> dict:
     try:
         h = m["hook"]
         m["_layers"] = [int(i) for i in h["layers"]]
-        m["_inner"] = int(h["inner_size"])
         m["_hidden"] = int(h["hidden_size"])
+        m["_kind"] = kind_name(parse_kind(m.get("kind") or h.get("kind") or DEFAULT_KIND))  # absent: a Hook
+        parts = h.get("parts") or {"hook": {"layers": m["_layers"], "inner_size": h["inner_size"]}}
+        m["_parts"] = {}
+        for name in parse_kind(m["_kind"]):
+            part = dict(parts[name])
+            part["layers"] = [int(i) for i in part["layers"]]
+            for key in ("inner_size", "rank", "experts"):
+                if key in part:
+                    part[key] = int(part[key])
+            m["_parts"][name] = part
+        m["_inner"] = int(m["_parts"]["hook"]["inner_size"]) if "hook" in m["_parts"] else 0
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"hook manifest {cfg} is incomplete (missing hook layers or sizes)") from e
     m["_dir"] = str(d)
@@ -97,17 +108,25 @@ def read_weights(directory: str | Path, m: dict | None = None) -> dict[str, torc
         state = load_file(str(wfile))
     except Exception as e:  # safetensors raises its own error types for bad headers/truncation
         raise ArtifactError(f"hook weights {wfile} are corrupt or truncated ({type(e).__name__})") from None
-    for i in m["_layers"]:
-        for name, shape in ((f"layers.{i}.linear1.weight", (m["_inner"], m["_hidden"])),
-                            (f"layers.{i}.linear2.weight", (m["_hidden"], m["_inner"])),
-                            (f"layers.{i}.r", ())):
-            t = state.get(name)
-            if t is None:
-                raise ArtifactError(f"hook weights {wfile} lack tensor {name}")
-            if tuple(t.shape) != shape:
-                raise ArtifactError(f"hook tensor {name} in {wfile} has shape {tuple(t.shape)}, expected {shape}")
-            if not torch.isfinite(t).all():
-                raise ArtifactError(f"hook tensor {name} in {wfile} holds NaN or inf values")
+    want_shapes = []
+    parts, hid = m.get("_parts") or {"hook": {"layers": m["_layers"], "inner_size": m["_inner"]}}, m["_hidden"]
+    for i in (parts.get("hook") or {}).get("layers", []):
+        inner = parts["hook"]["inner_size"]
+        want_shapes += [(f"layers.{i}.linear1.weight", (inner, hid)), (f"layers.{i}.linear2.weight", (hid, inner)),
+                        (f"layers.{i}.r", ())]
+    for i in (parts.get("router") or {}).get("layers", []):
+        want_shapes.append((f"router.{i}.delta", (parts["router"]["experts"], hid)))
+    for i in (parts.get("output") or {}).get("layers", []):
+        rank = parts["output"]["rank"]
+        want_shapes += [(f"output.{i}.down", (rank, hid)), (f"output.{i}.up", (hid, rank))]
+    for name, shape in want_shapes:
+        t = state.get(name)
+        if t is None:
+            raise ArtifactError(f"hook weights {wfile} lack tensor {name}")
+        if tuple(t.shape) != shape:
+            raise ArtifactError(f"hook tensor {name} in {wfile} has shape {tuple(t.shape)}, expected {shape}")
+        if not torch.isfinite(t).all():
+            raise ArtifactError(f"hook tensor {name} in {wfile} holds NaN or inf values")
     return state
 
 
