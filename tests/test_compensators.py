@@ -201,3 +201,16 @@ def test_cli_train_kind_budget_auto(tmp_path, capsys):
                   "--seq-len", "32", "--val-samples", "0", "--out", str(tmp_path / "x"), "--no-progress"] + bad)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error:") and frag in err and "Traceback" not in err
+
+
+def test_resume_continues_a_compensator_run_and_refuses_another_kind(blocks, tmp_path):
+    mm = fresh()
+    kw = dict(layers="1,2", plan="topk:1", train_blocks=blocks, steps=2, lr=1e-2, progress=False, rank=4,
+              out_dir=tmp_path / "o", checkpoint_every=1)
+    full = train_hook(mm, kind="output", **kw).hookset.state_dict()
+    state = {k: v.clone() for k, v in full.items()}
+    with pytest.raises(ArtifactError, match="kind"):
+        train_hook(fresh(), kind="router", resume=True, **kw)
+    again = train_hook(fresh(), kind="output", resume=True, **dict(kw, steps=3)).hookset
+    assert again.kind == "output" and set(again.state_dict()) == set(state)
+    assert any(not torch.equal(again.state_dict()[k], state[k]) for k in state)  # the third step trained on
