@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hookmoe.bench import PRESETS, machine_info, random_model, scale_config
-from hookmoe.runtime import Runtime
+from hookmoe.machine import machine_info
+from hookmoe.speed import PRESETS, random_model, scale_config
+from hookmoe.speed.runtime import Runtime
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_profile.json"
 
@@ -113,9 +114,9 @@ def decode_profile(mm, k_values, repeats: int = 4, steps: int = 60) -> dict:
 
 
 def _lean(mm):
-    from hookmoe.runtime import _LeanDecoder
+    from hookmoe.speed.runtime import LeanDecoder
 
-    return _LeanDecoder(mm) if _LeanDecoder.supported(mm) else None
+    return LeanDecoder(mm) if LeanDecoder.supported(mm) else None
 
 
 def decode_breakdown(mm, k: int, steps: int = 100, context: int = 256) -> dict:

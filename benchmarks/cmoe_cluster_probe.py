@@ -41,7 +41,7 @@ def main() -> None:
 
     from hookmoe.data import make_blocks
     from hookmoe.demo import locate_model
-    from hookmoe.evaluate import perplexity_core
+    from hookmoe.eval import perplexity_core
     from hookmoe.models import load_causal_lm
 
     dense, tok = load_causal_lm(str(locate_model("smollm2")), dtype="float32", device="cpu")

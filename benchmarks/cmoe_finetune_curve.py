@@ -47,8 +47,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hookmoe import convert as cv
-    from hookmoe.cpu_gemm import describe
+    from hookmoe import cmoe as cv
+    from hookmoe.kernels.cpu_gemm import describe
     from hookmoe.data import make_blocks
     from hookmoe.demo import locate_model
     from hookmoe.models import load_causal_lm

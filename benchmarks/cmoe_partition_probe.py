@@ -14,7 +14,7 @@ Text: gensim's Wikipedia sample, 8 x 512 calibration / 8 x 512 held-out tokens.
 import sys, time, torch, types
 sys.path.insert(0, "/work/main/benchmarks")
 import cmoe_probe as P
-from hookmoe.convert import _balanced_kmeans
+from hookmoe.cmoe import balanced_kmeans
 from transformers import AutoModelForCausalLM, AutoTokenizer
 torch.set_num_threads(2)
 d, name = P.smollm2_location()
@@ -74,7 +74,7 @@ def partition(i, E, S, feat, seed=0):
     shared = order[: S*size]; pool = torch.sort(order[S*size:]).values
     v = f[:, pool].T.contiguous()
     gen = torch.Generator().manual_seed(seed)
-    labels, _, _, _ = _balanced_kmeans(v, E, size, 10, gen)
+    labels, _, _, _ = balanced_kmeans(v, E, size, 10, gen)
     g = torch.stack([pool[labels == e] for e in range(E)])
     return g, shared
 def set_neuron_oracle(frac):

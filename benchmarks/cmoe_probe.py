@@ -159,7 +159,7 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hookmoe.convert import calibrate_routers, convert_dense
+    from hookmoe.cmoe import calibrate_routers, convert_dense
 
     shapes = [parse_shape(s) for s in args.shapes.split(",") if s.strip()]
     steps_list = [int(s) for s in args.calib_steps.split(",") if s.strip()]

@@ -27,13 +27,13 @@ from torch import nn
 
 def install_norm_oracle(moe) -> None:
     """Every router returns the top-k experts by |y_e|^2, computed from the experts themselves (the
-    calibration target ``convert._expert_gains(..., "norm")``)."""
-    from hookmoe.convert import _expert_gains
+    calibration target ``convert.expert_gains(..., "norm")``)."""
+    from hookmoe.cmoe import expert_gains
 
     for block in moe.moe_blocks():
         def forward(self, x, block=block):
             x = x.reshape(-1, x.shape[-1])
-            scores = _expert_gains(block, x, None, "norm")
+            scores = expert_gains(block, x, None, "norm")
             index = scores.topk(self.top_k, dim=-1).indices
             return scores, torch.ones(index.shape, dtype=x.dtype), index
 
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--bce", action="store_true")
     args = ap.parse_args()
 
-    from hookmoe import convert as cv
+    from hookmoe import cmoe as cv
     from hookmoe.data import make_blocks
     from hookmoe.demo import locate_model
     from hookmoe.models import load_causal_lm

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from bench_profile import cpu_ms  # this folder (the script's own directory is on sys.path)
-from hookmoe.bench import machine_info
-from hookmoe.cpu_gemm import _lp, causal_attention
+from hookmoe.machine import machine_info
+from hookmoe.kernels.cpu_gemm import causal_attention, onednn_linear
 
 OUT = Path(__file__).resolve().parent / "results" / "gemm_layouts.json"
 
@@ -51,11 +51,11 @@ def backends() -> dict:
     for name, (m, k, n) in SHAPES.items():
         w, x, g = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen), torch.randn(m, n, generator=gen)
         ref = F.linear(x, w)
-        assert ((_lp(x, w, None) - ref).norm() / ref.norm()).item() < 1e-5
-        r = {"torch_fwd": best(lambda: F.linear(x, w)), "onednn_fwd": best(lambda: _lp(x, w, None)),
-             "torch_dx": best(lambda: g @ w), "onednn_dx": best(lambda: _lp(g, w.t(), None)),
+        assert ((onednn_linear(x, w, None) - ref).norm() / ref.norm()).item() < 1e-5
+        r = {"torch_fwd": best(lambda: F.linear(x, w)), "onednn_fwd": best(lambda: onednn_linear(x, w, None)),
+             "torch_dx": best(lambda: g @ w), "onednn_dx": best(lambda: onednn_linear(g, w.t(), None)),
              "torch_dw": best(lambda: g.t() @ x),
-             "onednn_dw": best(lambda: _lp(g.t().contiguous(), x.t().contiguous(), None))}
+             "onednn_dw": best(lambda: onednn_linear(g.t().contiguous(), x.t().contiguous(), None))}
         out[name] = r
         print(name, {a: round(b, 2) for a, b in r.items()}, flush=True)
     return out
@@ -96,7 +96,7 @@ def main() -> int:
     for m in rows:
         x = torch.randn(m, k)
         r = {"linear_out_in": best(lambda: F.linear(x, w)), "matmul_in_out": best(lambda: x @ wt),
-             "onednn_out_in": best(lambda: _lp(x, w, None))}
+             "onednn_out_in": best(lambda: onednn_linear(x, w, None))}
         if mkl:
             torch.testing.assert_close(torch.ops.mkl._mkl_linear(x, pw, w, None, packed_for), F.linear(x, w))
             r["mkl_packed"] = best(lambda: torch.ops.mkl._mkl_linear(x, pw, w, None, packed_for))

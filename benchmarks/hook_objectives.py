@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from hookmoe.data import make_blocks  # noqa: E402
-from hookmoe.models import build_tiny, load, tiny_tokenizer  # noqa: E402
-from hookmoe.train import train_hook  # noqa: E402
+from hookmoe import load
+from hookmoe.models import build_tiny, tiny_tokenizer  # noqa: E402
+from hookmoe.training import train_hook  # noqa: E402
 
 # Slightly larger than tiny:<arch> so that top-1 routing opens a clear gap: 6 layers, hidden 128.
 MODELS = {
@@ -79,7 +80,7 @@ def pretrained(arch: str, over: dict, tok, steps: int, seed: int, cache_dir: Pat
     from safetensors.torch import load_file, save_file
 
     from hookmoe.data import iter_batches
-    from hookmoe.train import lm_loss
+    from hookmoe.training import lm_loss
 
     model = build_tiny(arch, seed=seed, **over)
     if steps <= 0:

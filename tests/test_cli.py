@@ -68,3 +68,26 @@ def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "hookmoe.cli", "info", "tiny:llama4"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_help_lists_exactly_the_command_table(capsys):
+    from hookmoe.cli import COMMANDS, build_app
+
+    registered = {c.name or c.callback.__name__ for c in build_app().registered_commands}
+    assert registered == set(COMMANDS)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert f" {name} " in out, name
+
+
+def test_the_library_never_imports_the_cli():
+    import subprocess
+    import sys
+
+    code = ("import sys, hookmoe, hookmoe.search, hookmoe.training, hookmoe.eval, hookmoe.speed, hookmoe.cmoe, "
+            "hookmoe.demo; assert not [m for m in sys.modules if m.startswith('hookmoe.cli')], 'cli imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -333,7 +333,7 @@ def test_router_calibration_lowers_heldout_kl():
 def test_router_calibration_norm_target_ranks_by_expert_output_norm():
     """rank_target="norm": the targets are |y_e|^2 of each expert alone; calibrating towards them (ranking loss
     only, a fine-grained shape) lowers the held-out KL; unknown targets are refused."""
-    from hookmoe.cmoe.calibrate import _expert_gains
+    from hookmoe.cmoe.calibrate import expert_gains
 
     dense = tiny_dense("llama", seed=5, initializer_range=0.08)
     calib, held = blocks(32, 32, 21), blocks(8, 32, 22)
@@ -343,7 +343,7 @@ def test_router_calibration_norm_target_ranks_by_expert_output_norm():
     all_on = torch.arange(30).expand(5, 30)
     manual = torch.stack([block.experts.loop_forward(x, all_on[:, e:e + 1], torch.ones(5, 1)).square().sum(-1)
                           for e in range(30)], dim=1)
-    got = _expert_gains(block, x, torch.zeros(5, 64), "norm")
+    got = expert_gains(block, x, torch.zeros(5, 64), "norm")
     assert torch.allclose(got, manual, rtol=1e-4, atol=1e-6)
     metrics = calibrate_routers(moe, dense, calib, steps=50, lr=1e-2, mse_weight=0.0, rank_target="norm",
                                 tokens_per_step=256, eval_blocks=held, progress=False)
@@ -490,3 +490,17 @@ def test_config_validation_and_defaults():
     gemma = cmoe_model.HookmoeCMoEConfig(text_config=Gemma3TextConfig(**TINY).to_dict(), num_experts=6,
                                          num_shared_experts=2)
     assert gemma.hidden_act == "gelu_pytorch_tanh"
+
+
+def test_a_fresh_process_loads_a_converted_directory(converted, tmp_path):
+    """`hookmoe.load(DIR)` registers the converted type itself (nothing imported beforehand)."""
+    import subprocess
+    import sys
+
+    arch, _, moe = converted
+    out = save_converted(moe, _tiny_tokenizer(), tmp_path / arch)
+    code = (f"import hookmoe; mm = hookmoe.load({str(out)!r}, device='cpu'); "
+            "print(type(mm.model).__name__, mm.native_top_k)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["HookmoeCMoEForCausalLM", str(moe.config.num_experts_per_tok)]

@@ -21,13 +21,13 @@ def force_onednn(monkeypatch):
     prev = cpu_gemm.set_backend("onednn")
     monkeypatch.setattr(cpu_gemm, "MIN_MACS", 0)
     calls = []
-    real = cpu_gemm._lp
+    real = cpu_gemm.onednn_linear
 
     def counting(x, w, b):
         calls.append(tuple(x.shape))
         return real(x, w, b)
 
-    monkeypatch.setattr(cpu_gemm, "_lp", counting)
+    monkeypatch.setattr(cpu_gemm, "onednn_linear", counting)
     yield calls
     cpu_gemm.set_backend(prev)
 

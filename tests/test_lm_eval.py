@@ -131,3 +131,25 @@ def test_import_hookmoe_does_not_import_lm_eval():
     env = dict(os.environ, PYTHONPATH=SRC)
     code = "import sys, hookmoe, hookmoe.eval; assert 'lm_eval' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+
+
+def test_hook_and_its_plan_are_applied(tmp_path):
+    import torch
+
+    import hookmoe
+    from hookmoe.hook import insert_hooks
+    from hookmoe.eval.lm_eval_model import HookMoELM
+
+    mm = hookmoe.load("tiny:mixtral", device="cpu")
+    hs = insert_hooks(mm, [2], 32)
+    with torch.no_grad():
+        for p in hs.parameters():
+            p.normal_(0, 0.05)
+    hs.save_pretrained(tmp_path / "hook", plan="topk:1")
+    lm = HookMoELM(pretrained="tiny:mixtral", hook=str(tmp_path / "hook"), device="cpu")
+    assert lm.mm.hookset is not None and lm.mm.hookset.layers == [2]
+    assert lm.mm.active_plan.plan.describe() == "topk:1"
+    ids = torch.randint(2, 259, (1, 12))
+    with torch.no_grad():  # the same logits as the model loaded with the hook by hookmoe itself
+        ref = hookmoe.load("tiny:mixtral", device="cpu", hook=tmp_path / "hook", plan="topk:1").model(ids).logits
+        assert torch.allclose(lm.model(ids).logits, ref, atol=1e-5)

@@ -319,20 +319,20 @@ def test_lean_decode_step_is_bit_identical(arch, models):
                 want = rt.generate(p, 8, decode_inputs=forced).tokens
                 want_greedy = rt.generate(p, 8).tokens
             calls = []
-            orig = R._LeanDecoder.__call__
+            orig = R.LeanDecoder.__call__
 
             def spy(self, *a):
                 out = orig(self, *a)
                 calls.append(out)
                 return out
 
-            R._LeanDecoder.__call__ = spy
+            R.LeanDecoder.__call__ = spy
             try:
                 with R.Runtime(mm) as rt:
                     got = rt.generate(p, 8, decode_inputs=forced).tokens
                     got_greedy = rt.generate(p, 8).tokens
             finally:
-                R._LeanDecoder.__call__ = orig
+                R.LeanDecoder.__call__ = orig
     finally:
         remove_hooks(mm)
     assert len(calls) == 14

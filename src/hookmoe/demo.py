@@ -11,6 +11,8 @@ perplexity is measured on the ``heldout`` split, which shares no document with i
 
 from __future__ import annotations
 
+from hookmoe.machine import machine_info
+
 import json
 import subprocess
 import sys
@@ -53,14 +55,13 @@ class DemoConfig:
     hook_layers: Optional[str] = "all"  # "all" (one Hook per MoE layer), a layer "15", "4,15", "12-14"; None: middle
     # Hook width. None: half an expert's width (SmolLM2: 96), so the 30 Hooks together cost about a third of the
     # FLOPs of the expert each token drops; 0: the paper's width (2 x expert size for a fine-grained MoE), which
-    # recovered about as much (39.5% vs 37.4% measured) at 4x the parameters and more FLOPs than the dropped expert.
+    # recovered about as much at 4x the parameters and more FLOPs than the dropped expert (benchmarks/results/).
     hook_inner_size: Optional[int] = None
     hook_blocks: int = 360  # 360 = 90 steps x batch 4; 32 blocks over-fit (train KL fell, held-out KL did not)
     hook_seq_len: int = 256
     val_blocks: int = 4  # hook validation (best-step selection)
-    # all-layer Hooks, lr 1e-3, SmolLM2 demo with torch's BLAS: 48 steps 34.5 % (793 s total), 60 steps 33.4 % /
-    # 40.7 % (867 / 880 s); with the oneDNN products (cpu_gemm) a step costs 4.4 s instead of 6.8 s: 90 steps
-    # 47.9 % (734 s total)
+    # per-model step budgets: the most Hook steps that keep the demo within 15 minutes on 2 cores
+    # (runs in benchmarks/results/demo_*/)
     hook_steps: Optional[int] = None  # None: the model's budget (MODEL_BUDGETS)
     hook_lr: float = 1e-3
     hook_objective: str = "kd"
@@ -286,7 +287,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "hook": {"layers": hook_layers, "label": hook_label, "inner_size": hook_inner,
                  "params": int(res.metrics.get("hook_params", 0)), "metrics": _jsonable(res.metrics)},
         "stage_times_s": cfg.stage_times, "total_time_s": round(time.perf_counter() - t_all, 1),
-        "machine": _machine(),
+        "machine": machine_info(),
     }
     write_report(result, out)
     return result
@@ -296,14 +297,6 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _machine() -> dict:
-    import os
-    import platform
-
-    import transformers
-
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _hook_inner_size(spec: Optional[int], mm) -> int:
@@ -347,18 +340,8 @@ def write_report(result: dict, out: Path) -> None:
     md += [f"- total: {result['total_time_s']}", "", "Files: `demo.json`, `ppl.png`, `hook/` (the Hook artifact).", ""]
     (out / "report.md").write_text("\n".join(md))
     try:
-        import matplotlib
+        from hookmoe.report import ppl_bars
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = result["rows"]
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.barh([r["name"] for r in rows][::-1], [r["ppl"] for r in rows][::-1], color="#4477aa")
-        ax.set_xlabel("held-out perplexity (lower is better)")
-        ax.set_title(f"hookmoe demo: {result['model']}")
-        fig.tight_layout()
-        fig.savefig(out / "ppl.png", dpi=120)
-        plt.close(fig)
+        ppl_bars(result["rows"], out / "ppl.png", title=f"hookmoe demo: {result['model']}")
     except Exception as e:  # a missing plot must not lose the report
         print(f"(plot skipped: {e})")

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""The machine a result was measured on: CPU, threads, GPU, library versions, the CPU kernel in use."""
 
 from __future__ import annotations
 

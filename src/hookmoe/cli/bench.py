@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe bench``: TTFT / ITL of several plans and Hooks, interleaved, with their theoretical limits."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 import typer
 from hookmoe.errors import BenchError
 from hookmoe.speed.shapes import PRESETS
-from hookmoe.speed.report import results_table
 from hookmoe.speed.bench import BenchConfig, DEFAULT_LENGTHS, DEFAULT_LENGTHS_TEXT, _busy_note, _max_positions, bench, parse_variants
-from hookmoe.speed.report import extra_tables, plot
+from hookmoe.report import bench_extra_tables, bench_speedups, bench_table
 from hookmoe.speed.shapes import random_model
 
 
@@ -55,10 +54,11 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 
 def register_cli(app) -> None:
-    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console
+    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, placement_kwargs, placement_options
     from hookmoe.cli.common import write_json
 
     @app.command("bench")
+    @placement_options
     def bench_cmd(
         ctx: typer.Context,
         model: str = typer.Argument(..., help=MODEL_HELP + "; with --random-weights also a preset: "
@@ -120,7 +120,7 @@ def register_cli(app) -> None:
         else:
             from hookmoe.hook import load
 
-            mm = load(model, device=device, dtype=dtype, seed=seed)
+            mm = load(model, device=device, dtype=dtype, seed=seed, **placement_kwargs())
         maxpos = _max_positions(mm)
         if lengths == DEFAULT_LENGTHS_TEXT and maxpos is not None and max(DEFAULT_LENGTHS) >= maxpos:
             fit = tuple(sorted({max(8, maxpos // d) for d in (8, 4, 2)}))
@@ -147,8 +147,8 @@ def register_cli(app) -> None:
         res["model"]["scale"], res["model"]["layers_arg"] = scale, layers
         to_stdout = as_json is not None and str(as_json) == "-"
         if not to_stdout:
-            console.print(results_table(res))
-            for extra in extra_tables(res):
+            console.print(bench_table(res))
+            for extra in bench_extra_tables(res):
                 console.print(extra)
             chk = res["checks"].get("greedy_tokens_identical_to_reference")
             if chk:
@@ -159,7 +159,7 @@ def register_cli(app) -> None:
         if png is None and as_json is not None and not to_stdout:
             png = Path(as_json).with_suffix(".png")
         if png is not None:
-            plot(res, png)
+            bench_speedups(res, png)
             res["plot"] = str(png)
         if as_json is not None:
             write_json(res, None if to_stdout else as_json)

@@ -119,7 +119,7 @@ def record_resolved(command: Any) -> None:
     def callback(*args, **kwargs):
         rv = inner(*args, **kwargs)
         out = kwargs.get("out")
-        if out is not None and str(out) != "-":
+        if out is not None and str(out) != "-" and os.environ.get("RANK", "0") in ("", "0"):  # torchrun: rank 0
             write_resolved(Path(out), command.name, kwargs)
         return rv
 

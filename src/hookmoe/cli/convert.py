@@ -1,11 +1,8 @@
-"""TODO docstring"""
+"""``hookmoe convert``: a dense model into an MoE (CMoE), with optional router calibration and distillation."""
 
 from __future__ import annotations
 
 from typing import Optional
-from hookmoe.cmoe.calibrate import RANK_TARGETS, calibrate_routers
-from hookmoe.cmoe.convert import convert_dense, save_converted
-from hookmoe.cmoe.distill import distill_moe
 
 
 
@@ -54,6 +51,12 @@ def register_cli(app) -> None:
         from hookmoe.errors import UserError
         from hookmoe.models.loading import load_causal_lm
 
+        try:  # the converted-model class needs transformers >= 5.23; every other command works without it
+            from hookmoe.cmoe.calibrate import RANK_TARGETS, calibrate_routers
+            from hookmoe.cmoe.convert import convert_dense, save_converted
+            from hookmoe.cmoe.distill import distill_moe
+        except ImportError as e:
+            raise UserError(f"hookmoe convert needs transformers >= 5.23 ({e})") from None
         if calibrate_target not in ("auto",) + RANK_TARGETS:  # refused before minutes of loading and converting
             raise UserError(f"--calibrate-target must be auto, {' or '.join(RANK_TARGETS)}; got '{calibrate_target}'")
         if calibrate_mse_weight is not None and calibrate_mse_weight < 0:

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe demo``: the whole story offline on a real-weight model."""
 
 from __future__ import annotations
 

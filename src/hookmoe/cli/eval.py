@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe eval``: perplexity, multiple choice or lm-eval tasks under one or more plans, with Act per layer."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from hookmoe.eval.scope import _has_dynamic, needs_calibration
 def register_cli(app) -> None:
     import typer
 
-    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, load_model
+    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, load_model, placement_options
     from hookmoe.cli.common import write_json
 
     @app.command("eval")
+    @placement_options
     def eval_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         plan: Optional[list[str]] = typer.Option(None, "--plan", help=PLAN_HELP + " (repeat to compare plans on "

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe info`` (architecture, experts, parameters; ``--memory`` from the config alone) and ``hookmoe generate``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 from rich.table import Table
-from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, act_table, console, default_plan, load_model
+from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, act_table, console, default_plan, load_model, placement_options
 from hookmoe.cli.common import write_json
 
 
@@ -16,6 +16,7 @@ def register_cli(app) -> None:
     """``hookmoe info`` and ``hookmoe generate``."""
 
     @app.command()
+    @placement_options
     def info(model: str = typer.Argument(..., help=MODEL_HELP),
              as_json: bool = typer.Option(False, "--json", help="print JSON"),
              device: str = typer.Option("cpu", help="cpu | cuda | auto"),
@@ -51,6 +52,7 @@ def register_cli(app) -> None:
 
 
     @app.command()
+    @placement_options
     def generate(model: str = typer.Argument(..., help=MODEL_HELP),
                  prompt: str = typer.Option(..., help="prompt text"),
                  plan: Optional[str] = typer.Option(None, help=PLAN_HELP + " (default: the hook's plan, else native)"),

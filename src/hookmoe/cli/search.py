@@ -1,6 +1,8 @@
-"""TODO docstring"""
+"""``hookmoe sweep`` / ``search`` / ``compare`` / ``run``: choosing a plan and the whole pipeline."""
 
 from __future__ import annotations
+
+from hookmoe.layerspec import parse_layer_list
 
 from pathlib import Path
 from typing import Optional
@@ -17,30 +19,16 @@ from hookmoe.search.sweep import sweep, write_sweep
 
 
 def _parse_int_list(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise SearchError(f"{what} must be layer numbers like 2,3 or 4-7, got '{text}'") from None
-    return out
+    return None if text is None else parse_layer_list(text, what, SearchError)
 
 
 def register_cli(app) -> None:
     import typer
 
-    from hookmoe.cli.common import MODEL_HELP, console, load_model
+    from hookmoe.cli.common import MODEL_HELP, console, load_model, placement_options
 
     @app.command("sweep")
+    @placement_options
     def sweep_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         data: str = typer.Option(..., help="text source (ppl) or MC file / builtin-mc (mc)"),
@@ -70,6 +58,7 @@ def register_cli(app) -> None:
         console.print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']} ({res['time_s']:.1f} s)")
 
     @app.command("search")
+    @placement_options
     def search_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         data: str = typer.Option(..., help="text source scored by perplexity (or MC data with --metric mc)"),
@@ -124,6 +113,7 @@ def register_cli(app) -> None:
         console.print(f"wrote {out} and {log_path}")
 
     @app.command("compare")
+    @placement_options
     def compare_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         data: str = typer.Option(..., help="text source (ppl) or MC file / builtin-mc (mc)"),
@@ -179,6 +169,7 @@ def register_cli(app) -> None:
         console.print(f"wrote {paths['md']}, {paths['json']}, {paths['png']} ({res['time_s']:.1f} s)")
 
     @app.command("run")
+    @placement_options
     def run_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         calib: str = typer.Option(..., help="calibration text source (builtin, c4, math, hf:ID, file or folder)"),

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe train``: train a Hook at a layer while the model runs a reduced plan."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from hookmoe.training.loop import train_hook
 def register_cli(app) -> None:
     import typer
 
-    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, fail, load_model
+    from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, fail, placement_kwargs, placement_options
     from hookmoe.cli.common import write_json
 
     @app.command("train")
+    @placement_options
     def train_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         plan: str = typer.Option(..., help=PLAN_HELP + " (the reduced routing the Hook compensates)"),
@@ -42,7 +43,7 @@ def register_cli(app) -> None:
         seq_len: int = typer.Option(256, min=2, help="tokens per sample (paper: 2048)"),
         val_samples: int = typer.Option(16, min=0, help="held-out samples for validation (0 = none)"),
         val_data: Optional[str] = typer.Option(None, help="held-out text source (default: --calib, heldout split)"),
-        batch_size: int = typer.Option(4, min=1),
+        batch_size: int = typer.Option(4, min=1, help="blocks per micro-batch (per rank under torchrun)"),
         grad_accum: int = typer.Option(1, min=1, help="micro-batches per optimizer step"),
         lr: float = typer.Option(1e-4, help="AdamW learning rate (paper: 1e-4)"),
         weight_decay: float = typer.Option(0.0),
@@ -73,11 +74,18 @@ def register_cli(app) -> None:
         to --out."""
         from hookmoe.errors import DataError
         from hookmoe.data.blocks import make_blocks
+        from hookmoe.hook import load
+        from hookmoe.training import distributed
 
-        mm = load_model(model, device=device, dtype=dtype, seed=seed)
-        parse_kind(kind)
+        parse_kind(kind)  # bad --kind / --budget before the model loads
         if budget is not None:
             parse_budget(budget)
+        # torchrun / accelerate launch: join the process group; rank 0 alone writes and shows progress
+        ctx = distributed.init_from_env()
+        if not ctx.is_main:
+            no_progress = True
+        mm = load(model, device=ctx.device(device), dtype=dtype, seed=seed,
+                  **ctx.localize_placement(placement_kwargs()))
         layers = layer if layer.strip().lower() == "auto" else parse_layers(layer, mm)
         try:
             train_blocks = make_blocks(mm.tokenizer, calib, samples, seq_len, seed=seed, split="train",
@@ -102,13 +110,20 @@ def register_cli(app) -> None:
                 data_info={"calib": calib, "val_data": val_data or calib, "samples": samples, "seq_len": seq_len,
                            "val_samples": val_samples, "model": model},
             )
-        except KeyboardInterrupt:
-            ck = _find_checkpoint(out) if out.is_dir() else None
+        except KeyboardInterrupt as e:
+            ck = _find_checkpoint(out) if out.is_dir() and ctx.is_main else None
+            why = "interrupted"
+            if isinstance(e, distributed.RankStopped):
+                why = f"rank {ctx.rank} stopped because another rank failed (see the launcher's report)"
             if ck is not None:
                 st = json.loads((ck / TRAINER_STATE).read_text())
-                console.print(f"interrupted: checkpoint of step {st['step']} kept in {ck}; continue with --resume")
+                console.print(f"{why}: checkpoint of step {st['step']} kept in {ck}; continue with --resume")
+            elif why != "interrupted":
+                console.print(why)
             raise
         m = result.metrics
+        if not ctx.is_main:
+            return
         layers = result.config.layers
         summary = {"out": str(out), "model": model, "plan": result.hookset.plan.describe() if result.hookset.plan
                    else plan, "kind": result.hookset.kind, "layers": layers, "objective": objective, **m}

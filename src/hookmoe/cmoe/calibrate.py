@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Router calibration for a converted model: each router learns, layer by layer, which experts best reproduce its
+dense FFN (``gain``) or have the largest outputs (``norm``); only the routers train."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def resolve_calibration_target(num_experts: int, rank_target: str = "auto",
 
 
 @torch.no_grad()
-def _expert_gains(block: CMoESparseBlock, x: torch.Tensor, routed_target: torch.Tensor,
+def expert_gains(block: CMoESparseBlock, x: torch.Tensor, routed_target: torch.Tensor,
                   rank_target: str = "gain") -> torch.Tensor:
     """Per-token expert scores [N, E] whose top-k the router learns to pick.
 
@@ -91,7 +92,7 @@ def _gather_layer_data(
             store[i]["x"].append(xf.cpu())
             if keep_targets:
                 store[i]["r"].append(rf.cpu())
-            store[i]["g"].append(_expert_gains(block, xf, rf, rank_target).cpu())
+            store[i]["g"].append(expert_gains(block, xf, rf, rank_target).cpu())
 
         return hook
 
@@ -158,7 +159,7 @@ def calibrate_routers(
         routed output (straight-through weights; this term also trains the per-expert scales and
         costs an experts forward per step). No backward through attention: steps are cheap.
         ``rank_target="norm"`` ranks the experts by output norm instead of gain (better for fine-grained
-        shapes; see ``_expert_gains``). ``rank_target="auto"`` and ``mse_weight=None`` (the defaults)
+        shapes; see ``expert_gains``). ``rank_target="auto"`` and ``mse_weight=None`` (the defaults)
         pick per shape: gain with the MSE term (weight 1) below 16 routed experts, norm with the ranking
         loss only from 16 on (:func:`resolve_calibration_target`).
         ``refresh_every`` re-records the inputs with the current routers (on-policy).

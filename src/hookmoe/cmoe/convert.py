@@ -163,7 +163,7 @@ def _profile_markers(model, calib_blocks: torch.LongTensor, activation_topk: int
 # --------------------------------------------------------------------------------------------------
 # 2./3. neuron assignment
 # --------------------------------------------------------------------------------------------------
-def _balanced_kmeans(
+def balanced_kmeans(
     vectors: torch.Tensor, n_clusters: int, size: int, iters: int, gen: torch.Generator, tol: float = 0.005
 ):
     """Split ``vectors`` [R, D] into ``n_clusters`` clusters of exactly ``size`` members.
@@ -222,7 +222,7 @@ def _assign_layer(top_idx: torch.Tensor, ffn: int, num_experts: int, num_shared:
     shared = torch.sort(order[: num_shared * size]).values
     pool = torch.sort(order[num_shared * size :]).values  # routed neurons
     vectors = marks[:, pool].T.contiguous()  # [R, N] marker vector per neuron
-    labels, centroids, dist, n_iter = _balanced_kmeans(vectors, num_experts, size, iters, gen)
+    labels, centroids, dist, n_iter = balanced_kmeans(vectors, num_experts, size, iters, gen)
 
     experts, reps = [], []
     for e in range(num_experts):

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Distilling a converted MoE from its dense model: KL on the logits (plus an optional layer-wise hidden-state term),
+training the experts, the routers or both, with a held-out KL curve."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Token blocks: documents tokenised, packed into ``[n, block_len]`` blocks for calibration and evaluation, cached on
+disk; batching helpers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""The builtin offline English corpus: Python's pydoc topics and standard-library docstrings, plus the Wikipedia and
+news text shipped in the gensim wheel (wiki markup stripped by :func:`clean_wikitext`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Multiple-choice items: loaded from JSON/JSONL (common field names, BIG-bench ``task.json``), or built offline from
+held-out sentences (:func:`builtin_mc`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""Train / held-out splits by document, so calibration and evaluation never share a document."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""The lm-evaluation-harness bridge: task presets of the paper, task managers for local YAML tasks, and
+:func:`lm_eval_tasks`, which scores a loaded model through the registered ``hookmoe`` lm-eval model."""
 
 from __future__ import annotations
 

@@ -26,6 +26,8 @@ optional extra and heavy to import). lm-eval (>= 0.4.13) has no plugin discovery
                 calibrated first on ``calib_blocks`` x ``calib_len`` tokens of the ``train`` split of ``calib``
                 (default ``builtin``), as ``hookmoe eval`` does.
 ``seed``        the seed of ``tiny:<arch>`` weights and of the calibration sample.
+``dtype``       default as ``hookmoe eval``: bfloat16 on a GPU, float32 otherwise (lm-eval's ``auto`` would take the
+                checkpoint's dtype).
 ``add_bos_token`` default: True iff the tokenizer's own call starts with BOS (then no other special tokens are
                 added; lm-eval's default would add whatever the tokenizer adds, e.g. an EOS after every context).
 
@@ -104,6 +106,15 @@ def _mask_from_lengths(lengths: list[int], width: int, side: str, device) -> tor
     return mask.long()
 
 
+def _hooks_to_block_devices(mm, hs) -> None:
+    """Each Hook on its block's device (``attach_hooks`` uses the first parameter's; with a device_map the layers
+    are spread over several devices)."""
+    for i, h in hs.hooks.items():
+        w = next(mm.layer(i).router.parameters(), None)
+        if w is not None and w.device.type != "meta":
+            h.to(w.device)
+
+
 @register_model("hookmoe")
 class HookMoELM(HFLM):
     """lm-eval's HF model with a hookmoe routing plan, Hooks, and Act per layer on real tokens."""
@@ -154,6 +165,8 @@ class HookMoELM(HFLM):
                 if plan is None and (path / "plan.json").is_file():
                     plan = path / "plan.json"
             self._hookmoe_spec = spec
+            if kwargs.get("dtype") in (None, "auto"):  # hookmoe's default (as `hookmoe eval`): bf16 on GPU, else fp32
+                kwargs["dtype"] = "bfloat16" if str(kwargs["device"]).startswith("cuda") else "float32"
             super().__init__(pretrained=spec, **kwargs)
             self.mm = MoEModel(self.model, self.tokenizer, source=str(pretrained))
         if kwargs.get("add_bos_token") is None:
@@ -164,6 +177,7 @@ class HookMoELM(HFLM):
             self.add_bos_token = needs_bos(self.tokenizer)
         if hook is not None:
             hs = attach_hooks(self.mm, hook)
+            _hooks_to_block_devices(self.mm, hs)
             if plan is None and hs.plan is not None:
                 plan = hs.plan
         if own_routing:

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Multiple-choice accuracy: each choice ranked by the log-likelihood of ``context + continuation`` (``acc``) and per
+character (``acc_norm``), as lm-eval does."""
 
 from __future__ import annotations
 

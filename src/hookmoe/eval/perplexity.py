@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""Perplexity over token blocks, with sliding windows and BOS handling, under a routing plan."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""One entry for every metric (:func:`evaluate`) and the relative drop used by the search."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""The Hook artifact directory, PEFT-style: ``hookmoe.json`` (manifest) + ``hook.safetensors``; reading and
+checking it against the model it is attached to."""
 
 from __future__ import annotations
 

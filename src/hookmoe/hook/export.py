@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""``hookmoe export``: the base model, tokenizer, Hooks and plan in one directory, and :func:`load` (``hookmoe.load``),
+which restores such a directory or attaches a Hook artifact to any model."""
 
 from __future__ import annotations
 

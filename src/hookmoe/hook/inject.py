@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Placing Hooks: a forward pre-hook on the chosen MoE blocks replaces their input by the Hook's output (router,
+routed and shared experts see it; the residual stream does not). :class:`HookSet` is the set attached to a model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from hookmoe.errors import ArtifactError, ModelError
+from hookmoe.layerspec import parse_layer_list
 from hookmoe.hook.artifact import CONFIG_NAME, WEIGHTS_NAME, _check_compat, _chmod_default, _sha256, _write_json_atomic, base_model_info, read_manifest, read_weights
 from hookmoe.hook.compensators import (OUTPUT_SUBMODULE, PARTS, ROUTER_SUBMODULE, OutputLowRank, RouterDelta,
                                        attach_output, attach_router_delta, kind_name, parse_kind)
@@ -266,19 +268,7 @@ def parse_layers(spec: Any, mm=None) -> list[int]:
             raise ModelError("hook layers 'all' need the model (to know its MoE layers)")
         out = list(mm.moe_layer_indices)
     elif isinstance(spec, str):
-        out = []
-        for part in (p.strip() for p in spec.split(",")):
-            if not part:
-                continue
-            try:
-                if "-" in part:
-                    a, b = part.split("-", 1)
-                    out.extend(range(int(a), int(b) + 1))
-                else:
-                    out.append(int(part))
-            except ValueError:
-                raise ModelError(f"bad hook layer '{part}' (expected a layer number like 14, a list 14,15, "
-                                 "a range 12-14 or all)") from None
+        out = parse_layer_list(spec, "bad hook layer: --layer", ModelError)
     else:
         try:
             out = [int(x) for x in spec]
@@ -330,21 +320,21 @@ def insert_compensators(mm, kind: Any = "hook", layers: Any = "all", *, inner_si
     r = int(rank or default_rank(mm))
     remove_hooks(mm)
     hidden = int(mm.config.hidden_size)
-    dev, dt = mm.device, dtype or mm.dtype
+    dt = dtype or mm.dtype
     hooks, handles, others = {}, [], {"router": {}, "output": {}}
     try:
         for i in per_part.get("hook", []):
             block = mm.layer(i).block
-            h = Hook(hidden, inner, init, seed=seed + i, dtype=dt, device=dev)
+            h = Hook(hidden, inner, init, seed=seed + i, dtype=dt, device=mm.block_device(i))
             block.add_module(SUBMODULE, h)
             hooks[i] = h
             handles.append(block.register_forward_pre_hook(_pre_hook, with_kwargs=True))
         for i in per_part.get("router", []):
-            d = RouterDelta(mm.num_experts, hidden, dtype=dt, device=dev)
+            d = RouterDelta(mm.num_experts, hidden, dtype=dt, device=mm.block_device(i))
             handles.append(attach_router_delta(mm.layer(i), d))
             others["router"][i] = d
         for i in per_part.get("output", []):
-            o = OutputLowRank(hidden, r, seed=seed + i, dtype=dt, device=dev)
+            o = OutputLowRank(hidden, r, seed=seed + i, dtype=dt, device=mm.block_device(i))
             handles.append(attach_output(mm.layer(i), o))
             others["output"][i] = o
     except BaseException:

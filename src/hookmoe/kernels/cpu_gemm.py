@@ -1,12 +1,8 @@
 """Faster CPU matrix products: oneDNN instead of the default BLAS where it measures faster.
 
 Why: on CPUs where torch's BLAS (MKL) does not pick its AVX-512 kernels — AMD EPYC among them — fp32
-``F.linear`` runs at less than half the speed of oneDNN's matmul on the same core. Measured on this
-project's 2-core AMD EPYC VM (1 thread, torch 2.13 with MKL 2024.2 and oneDNN 3.12;
-``benchmarks/gemm_layouts.py`` → ``benchmarks/results/gemm_layouts.json``; three runs agree within
-~10-20 %): a Mixtral-expert gate/up projection (2048 -> 14336) on 128 rows takes 80-96 ms with MKL and
-34-36 ms with oneDNN, SmolLM2's MLP up projection on 1024 rows 16.6 vs 7.2 ms, its LM head 652 vs 324 ms;
-input and weight gradients are 1.4-2.3x faster too. oneDNN is in every x86 torch build
+``F.linear`` runs at less than half the speed of oneDNN's matmul on the same core, forward and backward
+(``benchmarks/gemm_layouts.py``; numbers in ``benchmarks/results/gemm_layouts.json`` and ``SPEED.md``). oneDNN is in every x86 torch build
 (``torch.ops.mkldnn._linear_pointwise``), takes the plain ``[out, in]`` weight as it is stored (nothing is
 re-packed or copied), and its results differ from MKL's by floating-point rounding only (~1e-7 relative
 in fp32).
@@ -22,7 +18,7 @@ What it does:
   ``forward``; :func:`restore` undoes it). hookmoe applies it to every model it loads on the CPU.
 * :func:`causal_attention` / :func:`attention_forward` — a whole prompt's causal attention on the same
   kernel, registered with transformers as :data:`ATTN_NAME` (SDPA for everything else); the runtime turns it
-  on for its lifetime (1.8-1.9x faster than torch's CPU SDPA for a 4096-token Mixtral /2 or Qwen layer).
+  on for its lifetime (faster than torch's CPU SDPA on long prompts; see ``benchmarks/results/SPEED.md``).
 * The backend: ``HOOKMOE_CPU_GEMM`` = ``auto`` (default), ``onednn`` or ``torch`` (torch's own BLAS), or
   :func:`set_backend`. ``auto`` times both kernels once per process and dtype on a mid-size product
   (a few ms) and takes oneDNN only when it is at least :data:`AUTO_MARGIN` faster, so on CPUs where MKL
@@ -68,7 +64,7 @@ def _onednn_available(dtype: torch.dtype) -> bool:
     return True
 
 
-def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
@@ -114,7 +110,7 @@ def _auto_choice(dtype: torch.dtype) -> bool:
     w = torch.randn(2048, 1024, generator=gen).to(dtype)
     with torch.inference_mode():
         try:
-            t_dnnl = _time_ms(lambda: _lp(x, w, None))
+            t_dnnl = _time_ms(lambda: onednn_linear(x, w, None))
         except (RuntimeError, NotImplementedError):  # a build whose oneDNN op cannot run here
             return False
         t_torch = _time_ms(lambda: F.linear(x, w))
@@ -160,7 +156,7 @@ class _OneDnnLinear(torch.autograd.Function):
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return _lp(x.contiguous(), w, b)
+        return onednn_linear(x.contiguous(), w, b)
 
     @staticmethod
     def backward(ctx, grad):
@@ -169,13 +165,13 @@ class _OneDnnLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         few = g2.shape[0] < BWD_MIN_ROWS  # a handful of rows: W^T-view and transposed copies cost more (measured)
         if ctx.needs_input_grad[0]:
-            gx = grad @ w if few else _lp(grad.contiguous(), w.t(), None)  # weight [in, out] viewed as W^T
+            gx = grad @ w if few else onednn_linear(grad.contiguous(), w.t(), None)  # weight [in, out] viewed as W^T
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
             if few or g2.numel() > GW_COPY_MAX:  # no transposed copy of a huge gradient (an LM head's)
                 gw = g2.t() @ x2
             else:
-                gw = _lp(g2.t().contiguous(), x2.t().contiguous(), None)  # [out, rows] x [in, rows]^T
+                gw = onednn_linear(g2.t().contiguous(), x2.t().contiguous(), None)  # [out, rows] x [in, rows]^T
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb
@@ -188,7 +184,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _OneDnnLinear.apply(x, weight, bias)
-    return _lp(x.contiguous(), weight, bias)
+    return onednn_linear(x.contiguous(), weight, bias)
 
 
 def _linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
@@ -258,12 +254,12 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                 i1 = min(i0 + blk, t)
                 rows = i1 - i0
                 q_blk = q_group[:, i0:i1].reshape(g * rows, d)
-                s = _lp(q_blk, k_bh[:i1], None)  # [g * rows, i1] = Q K^T
+                s = onednn_linear(q_blk, k_bh[:i1], None)  # [g * rows, i1] = Q K^T
                 if s.dtype != torch.float32:
                     s = s.float()
                 s.view(g, rows, i1)[:, :, i0:i1].masked_fill_(mask[:rows, :rows], float("-inf"))
                 p = torch.softmax(s, dim=-1).to(value.dtype)
-                o = _lp(p, v_bh[:i1].t(), None)  # [g * rows, dv] = P V
+                o = onednn_linear(p, v_bh[:i1].t(), None)  # [g * rows, dv] = P V
                 out[b, i0:i1, h * g:(h + 1) * g] = o.view(g, rows, dv).transpose(0, 1)
     return out
 

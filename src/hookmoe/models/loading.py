@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Loading causal LMs from a spec (hub id, local directory, ``.gguf``, ``tiny:<arch>``, offline real-weight names),
+device and dtype resolution, and :func:`load` (an :class:`MoEModel`, optionally under a plan)."""
 
 from __future__ import annotations
 
@@ -84,9 +85,21 @@ def offline_gguf(name: str) -> Path:
 
 
 def load_causal_lm(spec: str, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
-                   seed: int = 0, experts_implementation: str | None = None, trust_remote_code: bool = False):
-    """Load any causal LM (dense or MoE) and its tokenizer from a spec; returns (model, tokenizer)."""
+                   seed: int = 0, experts_implementation: str | None = None, trust_remote_code: bool = False,
+                   device_map: str | dict | None = None, max_memory: str | dict | None = None,
+                   offload_folder: str | Path | None = None):
+    """Load any causal LM (dense or MoE) and its tokenizer from a spec; returns (model, tokenizer).
+
+    ``device_map`` / ``max_memory`` / ``offload_folder`` place the model across devices, CPU and disk with
+    accelerate (see :mod:`hookmoe.models.placement`); ``device`` is then only used for the default dtype."""
     check_transformers()
+    from hookmoe.models import placement
+
+    device_map = placement.parse_device_map(device_map)
+    max_memory = placement.parse_max_memory(max_memory)
+    dispatch = placement.wants_dispatch(device_map, max_memory, offload_folder)
+    if dispatch and device_map is None:
+        device_map = "auto"
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _register_converted_type()
@@ -101,12 +114,17 @@ def load_causal_lm(spec: str, *, dtype: str | torch.dtype | None = "auto", devic
         model = build_tiny(arch, seed=seed)
         if experts_implementation:
             model.set_experts_implementation(experts_implementation)
-        model = model.to(dev, dt)
+        model = model.to(dt) if dispatch else model.to(dev, dt)
+        if dispatch:
+            model = placement.dispatch(model.eval(), device_map, max_memory, offload_folder, dt)
         cpu_gemm.accelerate(model)
         return model, tiny_tokenizer()
     if spec in OFFLINE_MODELS:
         spec = str(offline_gguf(spec))
     path = Path(spec).expanduser()
+    if dispatch:
+        kw.update(device_map=device_map, max_memory=max_memory, offload_folder=str(offload_folder)
+                  if offload_folder is not None else None)
     try:
         if path.suffix == ".gguf":
             if not path.is_file():
@@ -123,26 +141,23 @@ def load_causal_lm(spec: str, *, dtype: str | torch.dtype | None = "auto", devic
             if getattr(cfg, "model_type", None) in UNSUPPORTED_MOE:
                 raise ModelError(_refusal(cfg.model_type))
             tok = _load_tokenizer(spec)
+            if dispatch:
+                placement.precheck(spec, device_map, max_memory, offload_folder, dt, trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code, **kw)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model '{spec}': {msg}") from e
-    model = model.to(dev).eval()
+    model = model.eval() if dispatch else model.to(dev).eval()
     cpu_gemm.accelerate(model)
     return model, tok
 
 
 def _register_converted_type() -> None:
     """Make transformers' Auto classes know the ``hookmoe_cmoe`` type written by ``hookmoe convert``."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec(f"{__package__}.cmoe_model") is None:
-        return
     try:
-        importlib.import_module(".cmoe_model", __package__)
+        import hookmoe.models.cmoe  # noqa: F401  (registers the type on import)
     except ImportError:
         # the converted-model class needs transformers >= 5.23 (SubConfigSpec); every other model still
         # loads, and loading a converted directory then fails with transformers' unknown-type error

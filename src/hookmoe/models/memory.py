@@ -60,6 +60,8 @@ model, and reports (all sizes in bytes):
 
 from __future__ import annotations
 
+from hookmoe.layerspec import parse_layer_list
+
 import math
 from pathlib import Path
 from typing import Any
@@ -385,10 +387,7 @@ def parse_layers(text: str | None) -> list[int] | None:
     """``--hook-layer`` text (``14`` or ``14,20``) as layer numbers."""
     if not text:
         return None
-    try:
-        return [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise MemoryError_(f"--hook-layer takes layer numbers like 14 or 14,20, got '{text}'") from None
+    return parse_layer_list(text, "--hook-layer", MemoryError_)
 
 
 def memory_rows(d: dict) -> list[tuple[str, str]]:

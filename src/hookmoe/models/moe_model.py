@@ -1,4 +1,5 @@
-"""TODO docstring"""
+""":class:`MoEModel`: a causal LM with its MoE layers located through the adapter table (blocks, routers, experts,
+shared experts), its fingerprint and its summary."""
 
 from __future__ import annotations
 
@@ -98,7 +99,22 @@ class MoEModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first parameter's device, or the embedding's execution device when the model is
+        dispatched across devices / offloaded (``device_map``)."""
+        if getattr(self.model, "hf_device_map", None):
+            from hookmoe.models.placement import input_device
+
+            return input_device(self.model)
         return next(self.model.parameters()).device
+
+    def block_device(self, index: int) -> torch.device:
+        """The device MoE layer ``index``'s block computes on (where its Hook lives)."""
+        block = self.layer(index).block
+        if getattr(self.model, "hf_device_map", None):
+            from hookmoe.models.placement import execution_device
+
+            return execution_device(self.model, block)
+        return self.device
 
     @property
     def dtype(self) -> torch.dtype:

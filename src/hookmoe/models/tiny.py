@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""``tiny:<arch>``: small random models of each supported architecture, built offline from transformers configs,
+with a byte-level tokenizer."""
 
 from __future__ import annotations
 

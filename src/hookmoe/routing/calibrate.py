@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Calibrating dynamic rules to data: router statistics per layer, measured Act, and :func:`calibrate_plan`, which
+fits ``naee`` / ``entropy`` / ``topp`` / ``ratio`` thresholds (to a target Act when given)."""
 
 from __future__ import annotations
 

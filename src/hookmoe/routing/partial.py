@@ -1,19 +1,5 @@
-"""Sensitivity sweep, TLNLE search, Hook-layer selection, dynamic-k calibration, method comparison, pipeline.
-
-* :func:`calibrate_plan` fits the thresholds of dynamic rules on calibration data — ``naee`` (β_l = median
-  of p2/p1 per layer, optionally scaled to a target Act), ``entropy`` (per-layer thresholds at entropy
-  quantiles so each layer hits the target Act), ``topp`` / ``ratio`` (bisection on τ, or on a shift of a
-  depth schedule ``topp:A..B``, until the measured Act hits the target) — and returns a concrete,
-  JSON-able :class:`~hookmoe.routing.Plan` with one entry per MoE layer.
-* :func:`sweep` scores ``tlnle:k=K,l=l,r=r`` for every range of layer groups (the paper's Fig. 1). For
-  perplexity the hidden states entering layer ``l`` are computed once (under the base plan) and shared by
-  every plan with that ``l``; only layers ``l..`` run per plan (:func:`run_partial`).
-* :func:`search` is the paper's §3.3: lower the uniform k while the score stays within the tolerance,
-  then lower l (TLNLE), then choose the Hook layer by binary search over candidates (a small Hook trained
-  and scored at each probed layer).
-* :func:`compare` puts native, uniform top-k, TLNLE, the calibrated dynamic rules, Hook and Hook+TLNLE at
-  a matched Act into one table; :func:`run_pipeline` is ``hookmoe run``.
-"""
+"""Forward passes that start or stop at a decoder layer: router inputs collected without running the layers above,
+and hidden states cached below a layer so that plans which differ only above it are scored from there."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring"""
+"""The one patch point: the router's ``top_k`` and a forward hook on the router apply a plan per layer (reversibly),
+count Act, and drop slots at no cost (sentinel expert index, weight 0); :func:`routing_scope` applies a plan for
+a block of code."""
 
 from __future__ import annotations
 

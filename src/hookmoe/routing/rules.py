@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""Selection rules on router probabilities: top-p, max-ratio, NAEE and entropy buckets, as one selector per layer."""
 
 from __future__ import annotations
 

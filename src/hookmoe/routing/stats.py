@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""Act statistics: activated experts per real token, per layer and overall."""
 
 from __future__ import annotations
 

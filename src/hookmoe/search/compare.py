@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe compare``: every method (static k, TLNLE, dynamic rules, Hooks) at a matched Act."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""The paper's search (§3.3): lower k, then l, within a tolerance; then the Hook layer by binary search."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""``hookmoe run``: sweep -> search -> train -> eval -> report, in one output directory."""
 
 from __future__ import annotations
 

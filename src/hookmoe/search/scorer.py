@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""The scorer that sweep, search and compare share: one metric on fixed data, cached per plan."""
 
 from __future__ import annotations
 

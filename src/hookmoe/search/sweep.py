@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""The TLNLE sensitivity sweep: k-1 on groups of layers [l, r], the quality drop of each, a heatmap."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 
 from .bench import BENCH_FORMAT, DEFAULT_LENGTHS, DEFAULT_LENGTHS_TEXT, Variant, parse_variants, BenchConfig, bench
 from .cost import attention_score_flops, cost_model, prefill_flops, kv_bytes_per_step
-from .report import results_table, extra_tables, plot
-from .runtime import IMPL_NAME, SMALL_SLOTS, PER_EXPERT_MIN_MACS, host_experts_forward, device_experts_forward, experts_forward, register, set_experts, sync, CLOCKS, clock_fn, Generation, LEAN_MODEL_TYPES, Runtime, reference_generate
+from .runtime import IMPL_NAME, SMALL_SLOTS, PER_EXPERT_MIN_MACS, host_experts_forward, device_experts_forward, experts_forward, register, set_experts, sync, CLOCKS, clock_fn, Generation, LEAN_MODEL_TYPES, LeanDecoder, Runtime, reference_generate
 from .shapes import PRESETS, scale_config, random_model
 
 __all__ = [
@@ -19,9 +18,6 @@ __all__ = [
     "cost_model",
     "prefill_flops",
     "kv_bytes_per_step",
-    "results_table",
-    "extra_tables",
-    "plot",
     "IMPL_NAME",
     "SMALL_SLOTS",
     "PER_EXPERT_MIN_MACS",
@@ -35,6 +31,7 @@ __all__ = [
     "clock_fn",
     "Generation",
     "LEAN_MODEL_TYPES",
+    "LeanDecoder",
     "Runtime",
     "reference_generate",
     "PRESETS",

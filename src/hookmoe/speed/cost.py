@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""The cost model behind the speed limits: FLOPs per token (experts, attention) and bytes per decode step."""
 
 from __future__ import annotations
 

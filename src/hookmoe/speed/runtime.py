@@ -386,13 +386,13 @@ class Generation:
         return (self.e2e_s - self.ttft_s) / (n - 1) if n > 1 else float("nan")
 
 
-# Decoder stacks whose batch-1 / unpadded decode step the runtime drives itself (``_LeanDecoder``): the model
+# Decoder stacks whose batch-1 / unpadded decode step the runtime drives itself (``LeanDecoder``): the model
 # body is embed_tokens -> rotary_emb -> layers(hidden, attention_mask, position_ids, past_key_values,
 # use_cache, position_embeddings) -> norm and the head a plain ``lm_head`` (checked against transformers 5.23).
 LEAN_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
 
 
-class _LeanDecoder:
+class LeanDecoder:
     """One decode step without the framework's per-call work that does not depend on the input: the causal
     mask builder (for one new token with no padding and no sliding window the mask is ``None`` — full
     attention to the cache, exactly what the stock path passes), position bookkeeping, output dataclasses
@@ -476,11 +476,11 @@ class Runtime:
             self.cache = "static" if self.compile else "dynamic"
         if self.lean not in ("auto", True, False):
             raise RuntimeOptionError(f"lean must be auto, true or false, got '{self.lean}'")
-        supported = _LeanDecoder.supported(self.mm)
+        supported = LeanDecoder.supported(self.mm)
         if self.lean is True and not supported:
             raise RuntimeOptionError(f"no lean decode step for model type '{self.mm.model.config.model_type}' "
                                      f"(supported: {', '.join(sorted(LEAN_MODEL_TYPES))}, without sliding window)")
-        self._lean = _LeanDecoder(self.mm) if supported and self.lean is not False and not self.compile else None
+        self._lean = LeanDecoder(self.mm) if supported and self.lean is not False and not self.compile else None
         self._clock = clock_fn(self.clock, dev)
         self._prev_impl = set_experts(self.mm, self.experts)
         cfg = self.mm.model.config

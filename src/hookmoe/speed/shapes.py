@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Scaled real shapes: presets of real MoE configs (Mixtral-8x7B, Qwen1.5-MoE, ...) scaled down, built with random
+weights for speed measurements."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring"""
+"""Checkpoints that resume bit-exactly: Hook weights, optimizer state, RNG states and the run's progress, written
+atomically; the training log."""
 
 from __future__ import annotations
 

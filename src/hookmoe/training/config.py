@@ -1,40 +1,5 @@
-"""Hook training: every base weight frozen, only the Hook learns, while the model runs a reduced plan.
-
-Objectives (``objective=``):
-
-``kd`` (default)
-    KL(teacher || student) over the next-token distribution. The teacher is the same model under its
-    native routing with the Hook bypassed (no grad). By default (``kd_topk=32``) the teacher runs once
-    over all training blocks and its top-K log-probabilities are cached (K + 1 bins: the top K and "the
-    rest", so the loss is still a true KL between coarsened distributions; memory ``N·T·K·8`` bytes on
-    the CPU, capped by ``kd_cache_max_gb`` — above it, or when the run reads fewer blocks than it has,
-    the teacher is recomputed per batch);
-    ``kd_topk=None`` recomputes the exact full-vocabulary teacher every batch.
-``lm``
-    Next-token cross-entropy on the calibration text (the paper's LLaMA-Factory "pt" stage).
-``hidden``
-    Relative MSE ``|h_s − h_t|² / |h_t|²`` between the student's and the teacher's hidden states after
-    the final norm (``hidden_layer=None``) or after decoder layer ``hidden_layer`` (≥ the hooked layer).
-
-The defaults were measured (``benchmarks/hook_objectives.py`` → ``benchmarks/results/hook_objectives.json``,
-two pre-trained 6-layer tiny MoEs at ``topk:1``): ``kd`` was the only objective that closed the held-out
-KD gap on both models (10–17 % in 120 steps; ``hidden`` 6–18 %; ``lm`` moved the model *away* from
-the native one, −60 to −150 %, while fitting the text), and the top-32 cache made it 1.4× faster at the
-same recovery; ``zero`` init beat ``paper`` on average (and starts exactly at the no-hook model).
-
-Loop: AdamW (lr 1e-4 as in the paper), linear warm-up then cosine/linear/constant schedule, gradient
-clipping, gradient accumulation, bf16 autocast on CUDA, optional gradient checkpointing, validation
-(KD, LM and hidden losses on held-out blocks, plus the no-hook baseline at the start) every
-``eval_every`` steps with early stopping (``patience`` evaluations without improvement; the best weights
-are restored at the end), a rich progress bar (loss, tokens/s), ``train_log.jsonl`` and ``loss.png``.
-
-Checkpoints (``out_dir/checkpoint``, written to a temporary directory and moved into place with
-``os.replace``): ``hook.safetensors`` (weights), ``optimizer.safetensors`` (AdamW moments, RNG states,
-best weights) and ``trainer_state.json`` (step, data position, schedule, history, config). No pickle.
-``resume=True`` continues from there and ends with the same weights as an uninterrupted run.
-A NaN/inf loss or gradient stops training before the optimizer step (the weights stay at the last good
-step, which is checkpointed) with a one-line :class:`TrainingError`.
-"""
+"""What defines a Hook-training run (:class:`TrainConfig`, saved in the artifact and the checkpoint), its result, and
+the file names a run writes."""
 
 from __future__ import annotations
 

@@ -19,9 +19,11 @@ from hookmoe.errors import ArtifactError
 from hookmoe.hook.inject import HookSet, insert_compensators, parse_layers
 from hookmoe.hook.artifact import _json_default
 from hookmoe.errors import TrainingError
+from hookmoe.training import distributed
 from hookmoe.training.checkpoint import _blocks_digest, _find_checkpoint, _load_optimizer, _read_checkpoint, _rewrite_log, _save_checkpoint, _set_rng
 from hookmoe.training.config import CHECKPOINT_DIR, DEFAULT_OBJECTIVE, LOG_NAME, PLOT_NAME, TrainConfig, TrainResult, _IDENTITY_KEYS
 from hookmoe.training.losses import hidden_loss, kd_loss, kd_loss_topk, lm_loss
+from hookmoe.report import gap_closed, training_curve
 from hookmoe.training.schedule import lr_at
 
 
@@ -168,10 +170,6 @@ class _NullHooks:
         yield self
 
 
-def gap_closed(nohook: float, hooked: float, native: float) -> float:
-    """Fraction of the loss gap between the reduced model and the native model that the Hook closes."""
-    gap = nohook - native
-    return float("nan") if abs(gap) < 1e-12 else (nohook - hooked) / gap
 
 
 def _progress(enabled: bool):
@@ -241,6 +239,10 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
     With ``out_dir`` the run writes checkpoints, ``train_log.jsonl``, ``loss.png`` and the artifact
     (``hook.safetensors`` + ``hookmoe.json``); ``resume=True`` continues from its checkpoint.
     ``on_step(step, record)`` is called after each optimizer step.
+
+    Inside a torch.distributed process group (``torchrun``; see :mod:`hookmoe.training.distributed`) ``batch_size``
+    is per rank: each rank trains on its shard of every global batch (``batch_size`` x ranks, the value recorded in
+    the config), gradients are averaged, and only rank 0 writes.
     """
     from hookmoe.routing.plan import Plan
 
@@ -250,13 +252,14 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
     from hookmoe.training.budget import resolve_compensator
 
     plan_obj = Plan.parse(plan)
+    world = distributed.current().world
     layer_list, part_layers, sel = resolve_compensator(mm, kind=kind, layers=layers, budget=budget,
                                                        blocks=train_blocks, inner_size=options.pop("inner_size", None),
                                                        rank=options.pop("rank", None))
     if "sensitivity" in sel:
         data_info = dict(data_info or {}, layer_selection=sel)
     cfg = TrainConfig(layers=layer_list, plan=plan_obj.to_dict(), objective=objective, steps=steps,
-                      epochs=epochs, lr=lr, batch_size=batch_size, kind=kind, inner_size=sel["inner_size"],
+                      epochs=epochs, lr=lr, batch_size=batch_size * world, kind=kind, inner_size=sel["inner_size"],
                       rank=sel["rank"], budget=None if budget is None else str(budget),
                       part_layers=part_layers if any(v != layer_list for v in part_layers.values()) else None,
                       **options)
@@ -294,6 +297,10 @@ class HookTraining:
         self.mm, self.cfg, self.plan = mm, cfg, plan
         self.train_blocks, self.val_blocks, self.data_info = train_blocks, val_blocks, data_info
         self.out = Path(out_dir) if out_dir is not None else None
+        self.dist = distributed.current()  # data parallel across ranks; only rank 0 writes
+        if cfg.batch_size % self.dist.world:
+            raise TrainingError(f"batch_size {cfg.batch_size} does not split over {self.dist.world} ranks")
+        self.local_bs = cfg.batch_size // self.dist.world
         self._check_data()
         n_batches = self.n_train // cfg.batch_size
         self.total = cfg.steps if cfg.steps is not None else \
@@ -306,7 +313,7 @@ class HookTraining:
         self.state = _Progress()
         if ckpt is not None:
             self._restore(ckpt)
-        if self.out is not None:
+        if self.out is not None and self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             _rewrite_log(self.out / LOG_NAME, self.state.history)
         self.val_cache: list | None = [] if val_blocks is not None and _small(val_blocks, mm) else None
@@ -339,7 +346,8 @@ class HookTraining:
         if diff:
             k = diff[0]
             raise ArtifactError(f"cannot resume: the checkpoint in {out} was made with {k}={old_cfg.get(k)!r}, "
-                                f"this run has {k}={new_cfg.get(k)!r}")
+                                f"this run has {k}={new_cfg.get(k)!r}"
+                                + (" (the global batch: batch size per rank x ranks)" if k == "batch_size" else ""))
         if ckpt[0].get("data_digest") != self.data_digest:
             raise ArtifactError(f"cannot resume: the checkpoint in {out} was trained on different calibration data")
         return ckpt
@@ -427,30 +435,35 @@ class HookTraining:
 
     def _log(self, rec: dict) -> None:
         self.state.history.append(rec)
-        if self.out is not None:
+        if self.out is not None and self.dist.is_main:
             with open(self.out / LOG_NAME, "a") as f:
                 f.write(json.dumps(rec, default=_json_default) + "\n")
 
     def _checkpoint(self) -> None:
-        _save_checkpoint(self.out, self.hs, self.opt, self._state_dict(), self.state.best_w)
+        if self.dist.is_main:
+            _save_checkpoint(self.out, self.hs, self.opt, self._state_dict(), self.state.best_w)
         self.last_ckpt_step = self.state.step
 
     def evaluate(self, with_nohook: bool = False) -> dict:
         """Validation metrics of the Hook (and, with ``with_nohook``, of the reduced and native model)."""
         self.hs.train(False)
-        return hook_eval(self.mm, self.val_blocks, self.plan, self.hs, batch_size=self.cfg.batch_size,
-                         hidden_layer=self.cfg.hidden_layer, nohook=with_nohook, amp=self.cfg.amp,
-                         _routing=self.routing, _teacher_cache=self.val_cache)
+        shard = self.dist.enabled and self.val_blocks.shape[0] >= self.dist.world
+        blocks = self.dist.eval_shard(self.val_blocks) if shard else self.val_blocks  # each rank its shard
+        ev = hook_eval(self.mm, blocks, self.plan, self.hs, batch_size=self.local_bs,
+                       hidden_layer=self.cfg.hidden_layer, nohook=with_nohook, amp=self.cfg.amp,
+                       _routing=self.routing, _teacher_cache=self.val_cache)
+        return self.dist.reduce_eval(ev, blocks.numel()) if shard else ev  # token-weighted means all-reduced
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self, *, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
         self.t_start = time.perf_counter()
         self.last_ckpt_step = self.state.step
-        prog = _progress(progress)
+        prog = _progress(progress and self.dist.is_main)
         s = self.state
         try:
+            self.dist.broadcast_params(list(self.hs.parameters()))
             self.routing.student()
-            self._prepare_teacher(progress)
+            self._prepare_teacher(progress and self.dist.is_main)
             if self.val_blocks is not None and s.baseline is None:
                 self._baseline()
             with prog if prog is not None else contextlib.nullcontext():
@@ -479,7 +492,7 @@ class HookTraining:
                 where = f"; the last good state (step {s.step}) is checkpointed in {self.out / CHECKPOINT_DIR}"
             self._teardown()
             raise TrainingError(f"{e}; training stopped before the optimizer step{where} — try a lower lr") from None
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, distributed.PeerFailure):  # incl. a launcher's SIGTERM / a failed peer rank
             if self.out is not None and s.step > self.last_ckpt_step:
                 self._checkpoint()
             self._teardown()
@@ -505,8 +518,10 @@ class HookTraining:
         elif cfg.kd_topk and s.step < self.total and not s.stopped_early:
             self.kd_teacher = f"top-{cfg.kd_topk} cache"
             t_cache = time.perf_counter()
-            self.teacher_cache = _teacher_topk_cache(self.mm, self.train_blocks, self.routing, self.hs, cfg.kd_topk,
-                                                     cfg.kd_temperature, cfg.batch_size, cfg.amp, progress)
+            self.teacher_cache = self.dist.assemble_cache(
+                self.n_train, lambda blocks: _teacher_topk_cache(self.mm, blocks, self.routing, self.hs, cfg.kd_topk,
+                                                                 cfg.kd_temperature, self.local_bs, cfg.amp, progress),
+                self.train_blocks)
             s.train_time += time.perf_counter() - t_cache  # the cache is part of the training cost
 
     def _baseline(self) -> None:
@@ -527,22 +542,32 @@ class HookTraining:
         for g in opt.param_groups:
             g["lr"] = lr_now
         loss_sum = 0.0
-        micro_next, tokens_next = s.micro, s.tokens  # committed only once the optimizer step is taken
+        micro_next, tokens_step = s.micro, 0  # committed only once the optimizer step is taken
+        distributed.fault_injection(self.dist.rank, s.step + 1)
+        bad = None
         for _ in range(cfg.grad_accum):
             m_idx, rows = next(batches)
+            rows = self.dist.shard(rows)  # this rank's part of the global micro-batch
             ids = self.train_blocks.index_select(0, rows).to(self.mm.device)
             loss = _micro_loss(self.mm, ids, rows, cfg, self.routing, hs, self.cap, self.teacher_cache)
             if not torch.isfinite(loss):
-                raise _NonFinite(f"the training loss became {float(loss.detach())} at step {s.step + 1}")
+                bad = f"the training loss became {float(loss.detach())} at step {s.step + 1}"
+                if not self.dist.enabled:
+                    raise _NonFinite(bad)
+                break
             (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
-            tokens_next += ids.numel()
+            tokens_step += ids.numel()
             micro_next = m_idx + 1
         params = list(hs.parameters())
+        loss_sum, tokens_step, failed = self.dist.sync_step(params, loss_sum, tokens_step, bad is not None)
+        if failed:
+            raise _NonFinite(bad or f"the training loss became non-finite on another rank at step {s.step + 1}")
+        tokens_next = s.tokens + tokens_step
         if cfg.max_grad_norm:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         else:
-            gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            gnorm = float(torch.norm(torch.stack([p.grad.norm().float().cpu() for p in params if p.grad is not None])))
         if not math.isfinite(gnorm):
             raise _NonFinite(f"the gradient norm became {gnorm} at step {s.step + 1}")
         opt.step()
@@ -606,14 +631,16 @@ class HookTraining:
     def _finish(self) -> TrainResult:
         cfg, hs, out = self.cfg, self.hs, self.out
         metrics = self._metrics(self._final_eval())
-        if out is not None:
+        if self.dist.enabled:
+            metrics["ranks"] = self.dist.world
+        if out is not None and self.dist.is_main:
             vb = self.val_blocks
             info = dict(cfg.to_dict(), total_steps=self.total, data=self.data_info or {},
                         data_digest=self.data_digest, train_blocks=list(self.train_blocks.shape),
                         val_blocks=list(vb.shape) if vb is not None else None)
             hs.save_pretrained(out, plan=self.plan.to_dict(), training=info, metrics=metrics)
             try:
-                plot_history(self.state.history, out / PLOT_NAME,
+                training_curve(self.state.history, out / PLOT_NAME,
                              title=f"hook {cfg.objective} · layers {cfg.layers} · {self.plan.describe()}")
             except Exception as e:  # a plot must never fail a finished training run
                 metrics["plot_error"] = str(e)
@@ -687,48 +714,3 @@ def _teardown(mm, routing: _Routing, cap: _Capture | None, frozen, gc_layers, wa
         mm.active_plan = apply_plan(mm, prev_plan)
 
 
-def plot_history(history: list[dict], path: str | Path, title: str = "hook training") -> Path:
-    """Loss curve: training loss per step (raw and smoothed) and held-out KD/LM losses per evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    train = [h for h in history if h.get("kind") == "train"]
-    evals = [h for h in history if h.get("kind") == "eval"]
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    if train:
-        xs = [h["step"] for h in train]
-        ys = [h["loss"] for h in train]
-        ax.plot(xs, ys, color="tab:blue", alpha=0.35, lw=1, label="train loss")
-        ema, sm = None, []
-        for y in ys:
-            ema = y if ema is None else 0.9 * ema + 0.1 * y
-            sm.append(ema)
-        ax.plot(xs, sm, color="tab:blue", lw=2, label="smoothed")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training objective")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    if evals:
-        ax2 = axes[0][1]
-        base = evals[0]
-        xs = [h["step"] for h in evals]
-        for key, ref, color in (("kd", 0.0, "tab:red"), ("lm", base.get("val_lm_native"), "tab:green"),
-                                ("hidden", 0.0, "tab:purple")):
-            nh = base.get(f"val_{key}_nohook")
-            if nh is None or ref is None or not all(f"val_{key}" in h for h in evals):
-                continue
-            ys = [100 * gap_closed(nh, h[f"val_{key}"], ref) for h in evals]
-            ax2.plot(xs, ys, marker="o", color=color, label=f"{key} (no hook {nh:.4g})")
-        ax2.axhline(0, color="k", lw=0.8)
-        ax2.set_xlabel("step")
-        ax2.set_ylabel("held-out gap closed (%)")
-        ax2.set_title("(no hook − hook) / (no hook − native)", fontsize=9)
-        ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""Training objectives: next-token loss, KL to the native model (exact or over a cached top-K), hidden-state MSE."""
 
 from __future__ import annotations
 

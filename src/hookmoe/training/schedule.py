@@ -1,4 +1,4 @@
-"""TODO docstring"""
+"""The learning-rate schedule: warm-up, then cosine, linear or constant decay to ``lr * min_lr_ratio``."""
 
 from __future__ import annotations
 
