@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/hookmoe demo
+	$(BIN)/hookmoe demo --overwrite
 
 # --- vLLM serving (own environment; the main .venv does not change) -------------------------------------
 VLLM_VENV ?= .venv-vllm

@@ -12,9 +12,13 @@ out = {"description": "Compensators on the demo model (SmolLM2-135M -> CMoE E6 S
 for f in sorted(glob.glob("/tmp/comp/r_*.json") + glob.glob("/tmp/comp/x_*.json")):
     r = json.load(open(f))
     out["commands"] += r.get("commands", [])
-    out["runs"].update(r["runs"])
+    for name, rec in r["runs"].items():
+        rec.update(steps=r.get("steps"), lr=r.get("lr"))
+        if name in out["runs"]:  # the same run with other settings (more steps, another lr)
+            name = f"{name} ({r.get('steps')} steps, lr {r.get('lr')})"
+        out["runs"][name] = rec
     for k in ("model_params", "plan", "steps", "batch", "lr", "train_seq_len", "eval", "objective", "torch_threads"):
-        out[k] = r.get(k)
+        out.setdefault(k, r.get(k))
 native = out["runs"].get("none@native", {}).get("ppl")
 base = out["runs"].get(f"none@{out['plan']}", {}).get("ppl")
 for name, rec in out["runs"].items():

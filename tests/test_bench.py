@@ -7,7 +7,6 @@ import torch
 
 import hookmoe.speed as B
 from hookmoe.speed import runtime as R
-from hookmoe.errors import RuntimeOptionError
 from hookmoe.cli import main
 
 

@@ -447,7 +447,7 @@ def test_empty_and_unsupported_files(byt5, tmp_path):
 def test_make_blocks_argument_errors(byt5, corpus_txt, tmp_path):
     with pytest.raises(DataError, match="Unknown split 'validation'"):
         D.make_blocks(byt5, str(corpus_txt), 2, 8, split="validation", cache_dir=False)
-    with pytest.raises(DataError, match="n_blocks"):
+    with pytest.raises(DataError, match="n-blocks"):
         D.make_blocks(byt5, str(corpus_txt), 0, 8, cache_dir=False)
     single = tmp_path / "single.txt"
     single.write_text("just one document", encoding="utf-8")

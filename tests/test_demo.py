@@ -70,9 +70,9 @@ def test_demo_runs_every_stage_on_a_local_dense_model(dense_dir, tmp_path):
 
 def test_demo_rejects_unknown_models_and_bad_k(tmp_path):
     with pytest.raises(ModelError, match="demo model must be one of"):
-        locate_model(str(tmp_path / "missing.bin"), install=False)
+        locate_model(str(tmp_path / "missing.bin"))
     from hookmoe.errors import UserError
-    with pytest.raises(UserError, match="reduced k"):
+    with pytest.raises(UserError, match="reduced-k"):
         run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), top_k=4, reduced_k=4))
     with pytest.raises(UserError, match="hook-inner-size"):  # refused before any loading
         run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), hook_inner_size=-1))

@@ -208,9 +208,11 @@ def test_resume_refuses_other_settings_or_data(blocks, tmp_path):
         train_hook(fresh(), out_dir=tmp_path, resume=True, **dict(kw, train_blocks=train.flip(0)))
     with pytest.raises(ArtifactError, match="nothing to resume"):
         train_hook(fresh(), out_dir=tmp_path / "empty", resume=True, **kw)
-    # more steps on resume: continues from step 2
-    r = train_hook(fresh(), out_dir=tmp_path, resume=True, **dict(kw, steps=4))
-    assert r.metrics["steps"] == 4
+    # more steps or another lr would change the schedule: the result would differ from an uninterrupted run
+    with pytest.raises(ArtifactError, match="--steps"):
+        train_hook(fresh(), out_dir=tmp_path, resume=True, **dict(kw, steps=4))
+    with pytest.raises(ArtifactError, match="--lr"):
+        train_hook(fresh(), out_dir=tmp_path, resume=True, **dict(kw, lr=1e-3))
 
 
 def test_artifact_of_a_training_run_round_trips(blocks, tmp_path):

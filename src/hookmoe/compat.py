@@ -119,3 +119,32 @@ def router_sorts_candidates(router: torch.nn.Module) -> bool:
     """Whether ``router`` returns its top-k candidates sorted by descending probability (column 0 = most
     probable). Unknown routers: False (callers then sort)."""
     return type(router).__name__ in _SORTED_ROUTERS
+
+
+_HUB_REACHABLE: bool | None = None
+
+
+def hub_offline_reason(timeout: float = 3.0) -> str | None:
+    """Why the model hub cannot be used right now, or None: ``HF_HUB_OFFLINE`` is set (honoured), or one quick
+    connection attempt to the hub failed (made once per process). Lets hub ids fail in one line at once instead of
+    after minutes of retries."""
+    global _HUB_REACHABLE
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers depends on it
+        constants = None
+    if str(os.environ.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on") or \
+            bool(getattr(constants, "HF_HUB_OFFLINE", False)):
+        return "the hub is off (HF_HUB_OFFLINE is set)"
+    if _HUB_REACHABLE is None:
+        host = urlparse(getattr(constants, "ENDPOINT", None) or "https://huggingface.co").hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return None if _HUB_REACHABLE else "the model hub cannot be reached (no network)"

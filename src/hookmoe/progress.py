@@ -34,7 +34,7 @@ def bar(enabled: bool, description: str, total: int | None, *, auto_refresh: boo
         TimeRemainingColumn
 
     count = TextColumn("{task.completed:,}/{task.total:,} " + unit) if unit else MofNCompleteColumn()
-    with Progress(TextColumn("{task.description}"), BarColumn(), count, TimeElapsedColumn(), TimeRemainingColumn(),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), count, TimeElapsedColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True, auto_refresh=auto_refresh) as prog:
         task = prog.add_task(description, total=total)
 

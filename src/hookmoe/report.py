@@ -138,8 +138,9 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    from hookmoe.files import save_figure
+
+    return save_figure(fig, path)
 
 
 def sweep_heatmap(rows: Sequence[dict], path: str | Path, *, title: str = "", label: str = "score",

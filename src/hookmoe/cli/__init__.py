@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from hookmoe.cli import bench, convert, demo, eval, export, info, search, train
+from hookmoe.cli import bench, convert, demo, eval, export, frontier, info, search, train
 from hookmoe.cli.common import app, run
 
 #: Every command and the module that defines it; ``hookmoe --help`` lists exactly these (tested).
@@ -15,6 +15,7 @@ COMMANDS: dict[str, object] = {
     "info": info, "generate": info,
     "eval": eval,
     "sweep": search, "search": search, "compare": search, "run": search,
+    "frontier": frontier,
     "train": train,
     "export": export,
     "bench": bench,

@@ -55,7 +55,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 def register_cli(app) -> None:
     from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, placement_kwargs, placement_options
-    from hookmoe.cli.common import write_json
+    from hookmoe.cli.common import check_json_out, write_json
 
     @app.command("bench")
     @placement_options
@@ -99,6 +99,10 @@ def register_cli(app) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
     ):
         """TTFT / ITL of routing plans (and hooks), interleaved, with theoretical limits and efficiency."""
+        check_json_out(as_json)
+        to_file = as_json is not None and str(as_json) != "-"
+        check_json_out(plot_path if plot_path is not None else
+                       (Path(as_json).with_suffix(".png") if to_file else None), "--plot")
         if threads is not None:
             if threads < 1:
                 raise BenchError(f"--threads must be >= 1, got {threads}")

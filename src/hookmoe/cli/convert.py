@@ -49,6 +49,7 @@ def register_cli(app) -> None:
         from hookmoe.cli.common import progress_bars
         from hookmoe.data.blocks import make_blocks
         from hookmoe.errors import UserError
+        from hookmoe.files import atomic_dir, check_output
         from hookmoe.models.loading import load_causal_lm
 
         try:  # the converted-model class needs transformers >= 5.23; every other command works without it
@@ -61,26 +62,23 @@ def register_cli(app) -> None:
             raise UserError(f"--calibrate-target must be auto, {' or '.join(RANK_TARGETS)}; got '{calibrate_target}'")
         if calibrate_mse_weight is not None and calibrate_mse_weight < 0:
             raise UserError(f"--calibrate-mse-weight must be >= 0, got {calibrate_mse_weight}")
+        check_output(out, kind="dir", flag="--out")  # before minutes of loading and converting
         with progress_bars(not no_progress):  # transformers' loading bars too
             dense, tok = load_causal_lm(dense_model, dtype="float32", device="cpu")
             if tok is None:
                 raise UserError(f"'{dense_model}' has no tokenizer; calibration text cannot be tokenised")
             blocks = make_blocks(tok, calib, calib_blocks, seq_len, split="train", seed=seed)
-            try:
-                moe = convert_dense(dense, tok, blocks, num_experts=experts, num_shared=shared, top_k=top_k,
-                                    activation_topk=activation_topk, seed=seed, progress=not no_progress)
-                if calibrate_steps > 0:
-                    more = make_blocks(tok, calib, 16, seq_len, split="train", seed=seed + 1)
-                    calibrate_routers(moe, dense, more, steps=calibrate_steps, rank_target=calibrate_target,
-                                      mse_weight=calibrate_mse_weight, seed=seed, progress=not no_progress)
-                if finetune_steps > 0:
-                    ft = make_blocks(tok, calib, finetune_blocks, min(seq_len, 256), split="train", seed=seed + 2)
-                    distill_moe(moe, dense, ft, steps=finetune_steps, lr=finetune_lr, seed=seed,
-                                train=finetune_train, hidden_weight=finetune_hidden_weight,
-                                progress=not no_progress)
-            except ValueError as e:
-                if isinstance(e, UserError):
-                    raise
-                raise UserError(str(e)) from None
-            save_converted(moe, tok, out)
+            moe = convert_dense(dense, tok, blocks, num_experts=experts, num_shared=shared, top_k=top_k,
+                                activation_topk=activation_topk, seed=seed, progress=not no_progress)
+            if calibrate_steps > 0:
+                more = make_blocks(tok, calib, 16, seq_len, split="train", seed=seed + 1)
+                calibrate_routers(moe, dense, more, steps=calibrate_steps, rank_target=calibrate_target,
+                                  mse_weight=calibrate_mse_weight, seed=seed, progress=not no_progress)
+            if finetune_steps > 0:
+                ft = make_blocks(tok, calib, finetune_blocks, min(seq_len, 256), split="train", seed=seed + 2)
+                distill_moe(moe, dense, ft, steps=finetune_steps, lr=finetune_lr, seed=seed,
+                            train=finetune_train, hidden_weight=finetune_hidden_weight,
+                            progress=not no_progress)
+            with atomic_dir(out) as work:  # a model already there is replaced only once the new one is complete
+                save_converted(moe, tok, work)
             print(f"converted {dense_model}: {experts} routed + {shared} shared experts per FFN, top-{top_k} -> {out}")

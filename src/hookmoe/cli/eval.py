@@ -17,7 +17,7 @@ def register_cli(app) -> None:
     import typer
 
     from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, console, load_model, placement_options
-    from hookmoe.cli.common import write_json
+    from hookmoe.cli.common import check_json_out, write_json
 
     @app.command("eval")
     @placement_options
@@ -54,6 +54,7 @@ def register_cli(app) -> None:
         from hookmoe import report
         from hookmoe.routing.calibrate import calibrate_plan
 
+        check_json_out(as_json)
         if tasks:
             metric = "lm-eval"
         if metric not in METRICS:

@@ -26,12 +26,14 @@ def register_cli(app) -> None:
         plan: Optional[str] = typer.Option(None, help=PLAN_HELP + " (default: the plan the hook was trained for)"),
         target: Optional[str] = typer.Option(None, help="vllm | transformers: an engine-ready export (a plain "
                                              "checkpoint for a uniform topk:K without --hook; see docs/serving.md)"),
-        overwrite: bool = typer.Option(False, help="replace a non-empty output directory"),
         device: str = typer.Option("cpu", help="cpu | cuda | auto"),
         dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
         seed: int = typer.Option(0, help="seed for tiny:<arch> models"),
     ):
         """Write MODEL + hook + plan to one directory that `hookmoe.load(OUT)` restores (--target: for an engine)."""
+        from hookmoe.files import check_output
+
+        check_output(out, kind="dir", flag="--out")
         if target is not None:
             from hookmoe.serving.export import TARGETS, export_for_engine
 
@@ -40,7 +42,7 @@ def register_cli(app) -> None:
             if hook is not None:
                 read_manifest(hook)
             mm = load_model(model, device=device, dtype=dtype, seed=seed)
-            r = export_for_engine(mm, out, plan=plan, hook=hook, target=target, overwrite=overwrite)
+            r = export_for_engine(mm, out, plan=plan, hook=hook, target=target)
             console.print(f"exported {model} ({r.format} checkpoint for {r.target}: {', '.join(r.architectures)}; "
                           f"plan {r.plan}; hooks {r.hook_layers or 'none'}) to {r.path}")
             return
@@ -49,7 +51,7 @@ def register_cli(app) -> None:
         m = read_manifest(hook)  # fail early on a bad artifact, before loading the model
         mm = load_model(model, device=device, dtype=dtype, seed=seed)
         _check_compat(mm, m, hook, strict=True)
-        path = export_model(mm, out, plan=plan, hook=hook, overwrite=overwrite)
+        path = export_model(mm, out, plan=plan, hook=hook)
         from hookmoe.routing.plan import Plan
 
         p = Plan.parse(plan).describe() if plan else (Plan.from_dict(m["plan"]).describe() if m.get("plan") else "native")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, act_table, console, default_plan, load_model, placement_options
-from hookmoe.cli.common import write_json
+from hookmoe.cli.common import check_json_out, write_json
 
 
 
@@ -64,13 +64,15 @@ def register_cli(app) -> None:
         """Generate text (greedy) under a routing plan and print the per-layer Act table."""
         import torch
 
+        check_json_out(as_json)
         mm = load_model(model, hook=hook, device=device, dtype=dtype)
         with mm.routing(default_plan(mm, plan)) as patch:
             enc = mm.encode(prompt)
             with torch.no_grad():
                 out = mm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=mm.tokenizer.pad_token_id)
-            text = mm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = [i for i in out[0, enc["input_ids"].shape[1]:].tolist() if i < len(mm.tokenizer)]  # a random
+            text = mm.tokenizer.decode(new, skip_special_tokens=True)  # model may emit ids past the tokenizer's
             per_layer = patch.stats.act_per_layer()
             result = {"model": model, "plan": patch.plan.describe(), "prompt": prompt, "text": text,
                       "act": patch.stats.act(), "act_per_layer": per_layer, "rules": patch.per_layer()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hookmoe.search.allocators import get_allocator
+
 from hookmoe.layerspec import parse_layer_list
 
 from pathlib import Path
@@ -46,6 +48,9 @@ def register_cli(app) -> None:
         dtype: str = typer.Option("auto"), seed: int = typer.Option(0),
     ):
         """Sensitivity sweep: k-1 experts in every layer range [l, r] over groups of layers; heatmap."""
+        from hookmoe.files import atomic_dir, check_output
+
+        check_output(out, kind="dir", flag="--out")
         mm = load_model(model, device=device, dtype=dtype, seed=seed)
         if metric == "lm-eval" and not tasks:
             raise EvalError("--metric lm-eval needs --tasks")
@@ -53,7 +58,8 @@ def register_cli(app) -> None:
                          batch_size=batch_size, tasks=tasks, n_items=n_items, include_path=include_path, limit=limit)
         res = sweep(mm, sc, group=group, k=k, cache=not no_cache, progress=True)
         res["model"], res["data"] = model, data
-        paths = write_sweep(res, out)
+        with atomic_dir(out) as work:
+            paths = {k: out / Path(v).name for k, v in write_sweep(res, work).items()}
         _print_sweep(console, res)
         console.print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']} ({res['time_s']:.1f} s)")
 
@@ -81,34 +87,63 @@ def register_cli(app) -> None:
         split: str = typer.Option("heldout"), n_items: Optional[int] = typer.Option(None),
         batch_size: int = typer.Option(8, min=1), device: str = typer.Option("auto"),
         dtype: str = typer.Option("auto"), seed: int = typer.Option(0),
+        allocator: Optional[str] = typer.Option(None, help="per-layer allocator instead of the §3.3 search: "
+                                                "tlnle, greedy, dp, weights (search/allocators.py); no Hook choice"),
+        act: Optional[float] = typer.Option(None, help="with --allocator: target Act (default: --tolerance)"),
+        calib_blocks: int = typer.Option(8, min=1, help="with --allocator: blocks for the sensitivity"),
     ):
         """TLNLE search (paper §3.3): lower k, then l, within the tolerance; then pick the Hook layer."""
         from hookmoe import report
         from hookmoe.eval.run import _eval_blocks
 
+        from hookmoe.files import check_output
+
         if not tolerance >= 0:
-            raise SearchError(f"tolerance must be >= 0, got {tolerance}")
+            raise SearchError(f"--tolerance must be >= 0, got {tolerance}")
+        if act is not None and allocator is None:
+            raise SearchError("--act needs --allocator (the §3.3 search works from --tolerance)")
+        if allocator is not None:
+            get_allocator(allocator)  # a bad name fails before the model loads
+        out = check_output(out, kind="file", flag="--out")
+        if out is None or str(out) == "-":
+            raise SearchError("--out must be a file name for the plan JSON")
+        log_path = log or out.with_name(out.stem + "_log.jsonl")
+        check_output(log_path, kind="file", flag="--log" if log else "--out (its search log)")
+        check_output(out.with_name(out.stem + "_search.json"), kind="file", flag="--out (its search summary)")
         mm = load_model(model, device=device, dtype=dtype, seed=seed)
         if metric == "lm-eval" and not tasks:
             raise EvalError("--metric lm-eval needs --tasks")
         sc = _scorer_for(mm, metric, data, n_blocks=n_blocks, block_len=block_len, seed=seed, split=split,
                          batch_size=batch_size, tasks=tasks, n_items=n_items, include_path=include_path, limit=limit)
+        if allocator is not None:
+            alloc = get_allocator(allocator)
+            src = calib or (data if metric == "ppl" else "builtin")
+            cb = _eval_blocks(mm, src, calib_blocks, block_len, seed, "train", True) if alloc.needs_sensitivity \
+                else None
+            plan = alloc.allocate(mm, target_act=act, tolerance=None if act is not None else tolerance, calib=cb,
+                                  scorer=sc if act is None else None, progress=True)
+            plan.save(out)
+            a = plan.meta["allocation"]
+            console.print(f"plan ({a['allocator']}) {plan.base}: Act {a['act']:.4g}"
+                          + (f" (target {a['target_act']:g}{'' if a['exact'] else ', nearest below'})"
+                             if a.get("target_act") is not None else f" (tolerance {100 * tolerance:g}%)"))
+            console.print(f"wrote {out}")
+            return
         tb = None
         if hook:
             src = calib or (data if metric == "ppl" else "builtin")
             tb = _eval_blocks(mm, src, train_blocks, block_len, seed, "train", True)
-        log_path = log or out.with_name(out.stem + "_log.jsonl")
         res = search(mm, sc, tolerance=tolerance, step=step, max_evals=max_evals, hook=hook,
                      hook_candidates=_parse_int_list(hook_candidates, "--hook-candidates"), train_blocks=tb,
                      hook_steps=hook_steps, hook_lr=hook_lr, log_path=log_path, console=console)
         plan = search_plan(res)
         plan.save(out)
         report.write_json(out.with_name(out.stem + "_search.json"), {k: v for k, v in res.items() if k != "log"})
-        console.print(f"[bold]plan[/bold] {res['plan']}: score {res['score']:.4f} (drop {100 * res['drop']:+.2f}%, "
+        console.print(f"plan {res['plan']}: score {res['score']:.4f} (drop {100 * res['drop']:+.2f}%, "
                       f"Act {res['act']:.3f}) after {res['evals']} evaluations in {res['time_s']:.1f} s")
         if res.get("hook"):
             h = res["hook"]
-            console.print(f"[bold]hook[/bold] layer {h['layer']} under {h['plan']}: score {h['score']:.4f} "
+            console.print(f"hook layer {h['layer']} under {h['plan']}: score {h['score']:.4f} "
                           f"(without hook {h['no_hook_score']:.4f})")
         console.print(f"wrote {out} and {log_path}")
 
@@ -138,7 +173,13 @@ def register_cli(app) -> None:
     ):
         """All methods at a matched Act on the same data: one table (markdown + JSON) and a plot."""
         from hookmoe.eval.run import _eval_blocks
+        from hookmoe.files import atomic_dir, check_output
 
+        check_output(out, kind="dir", flag="--out")
+        if hook is not None:  # a bad --hook is refused now, not turned into a note in the table
+            from hookmoe.hook.artifact import read_weights
+
+            read_weights(hook)
         ms = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         if ms:
             bad = [m for m in ms if m not in METHODS]
@@ -160,11 +201,13 @@ def register_cli(app) -> None:
         if n_cal + n_tr:
             both = _eval_blocks(mm, src, n_cal + n_tr, block_len, seed, "train", True)
             cb, tb = (both[:n_cal] if n_cal else None), (both[n_cal:] if n_tr else None)
-        res = compare(mm, sc, act, methods=ms, calib_blocks=cb, train_blocks=tb, hook_dir=hook,
-                      hook_layer=hook_layer, hook_steps=hook_steps, hook_lr=hook_lr,
-                      hook_out=(out / "hook") if need_train else None, console=console, batch_size=batch_size)
-        res["model"], res["data"] = model, data
-        paths = write_compare(res, out, title=f"{model}: methods at Act {act:g}")
+        with atomic_dir(out) as work:
+            res = compare(mm, sc, act, methods=ms, calib_blocks=cb, train_blocks=tb, hook_dir=hook,
+                          hook_layer=hook_layer, hook_steps=hook_steps, hook_lr=hook_lr,
+                          hook_out=(work / "hook") if need_train else None, console=console, batch_size=batch_size)
+            res["model"], res["data"] = model, data
+            paths = {k: out / Path(v).name for k, v in
+                     write_compare(res, work, title=f"{model}: methods at Act {act:g}").items()}
         print(compare_markdown(res))
         console.print(f"wrote {paths['md']}, {paths['json']}, {paths['png']} ({res['time_s']:.1f} s)")
 
@@ -193,22 +236,35 @@ def register_cli(app) -> None:
         hook_candidates: Optional[str] = typer.Option(None, help="candidate Hook layers, e.g. 8-20"),
         batch_size: int = typer.Option(8, min=1), device: str = typer.Option("auto"),
         dtype: str = typer.Option("auto"), seed: int = typer.Option(0),
+        allocator: Optional[str] = typer.Option(None, help="allocate the reduced plan the Hook is trained for "
+                                                "per layer: tlnle, greedy, dp, weights (default: uniform k-1)"),
+        act: Optional[float] = typer.Option(None, help="with --allocator: its target Act (default: the Act of "
+                                            "uniform k-1 after the search)"),
     ):
         """One command: sweep → search → train → eval → report (report.md, plots, hook artifact, JSON)."""
         import sys
 
+        from hookmoe.files import atomic_dir, check_output
+
         if not tolerance >= 0:
-            raise SearchError(f"tolerance must be >= 0, got {tolerance}")
+            raise SearchError(f"--tolerance must be >= 0, got {tolerance}")
+        if act is not None and allocator is None:
+            raise SearchError("--act needs --allocator")
+        if allocator is not None:
+            get_allocator(allocator)  # a bad name fails before the model loads
+        check_output(out, kind="dir", flag="--out")
         mm = load_model(model, device=device, dtype=dtype, seed=seed)
-        res = run_pipeline(mm, calib=calib, out=out, tolerance=tolerance, data=data, mc=mc, group=group,
-                           block_len=block_len, n_train=n_train, n_val=n_val, n_eval=n_eval,
-                           search_hook_steps=search_hook_steps, hook_steps=hook_steps, hook_lr=hook_lr,
-                           hook_batch_size=hook_batch_size, objective=objective, max_evals=max_evals,
-                           hook_candidates=_parse_int_list(hook_candidates, "--hook-candidates"),
-                           batch_size=batch_size, seed=seed, console=console, model_name=model,
-                           command="hookmoe " + " ".join(sys.argv[1:]) if sys.argv else None)
+        with atomic_dir(out) as work:  # report.md, plots, hook/ land together, or not at all
+            res = run_pipeline(mm, calib=calib, out=work, final_out=out, tolerance=tolerance, data=data, mc=mc,
+                               group=group, block_len=block_len, n_train=n_train, n_val=n_val, n_eval=n_eval,
+                               search_hook_steps=search_hook_steps, hook_steps=hook_steps, hook_lr=hook_lr,
+                               hook_batch_size=hook_batch_size, objective=objective, max_evals=max_evals,
+                               hook_candidates=_parse_int_list(hook_candidates, "--hook-candidates"),
+                               batch_size=batch_size, seed=seed, console=console, model_name=model,
+                               command="hookmoe " + " ".join(sys.argv[1:]) if sys.argv else None,
+                               allocator=allocator, act=act)
         g = res["gap_recovered"]
-        console.print(f"[bold]done[/bold] in {res['wall_time_s']:.1f} s: plan {res['search']['plan']}, hook layer "
+        console.print(f"done in {res['wall_time_s']:.1f} s: plan {res['search']['plan']}, hook layer "
                       f"{res['hook']['layer']} under {res['hook']['plan']}; gap recovered "
                       f"{'n/a' if g is None else f'{100 * g:.1f}%'}; report: {Path(out) / 'report.md'}")
 

@@ -74,12 +74,29 @@ def register_cli(app) -> None:
         to --out."""
         from hookmoe.errors import DataError
         from hookmoe.data.blocks import make_blocks
+        from hookmoe.files import check_output, overwrite_allowed
         from hookmoe.hook import load
         from hookmoe.training import distributed
 
         parse_kind(kind)  # bad --kind / --budget before the model loads
         if budget is not None:
             parse_budget(budget)
+        from hookmoe.cli.common import check_json_out
+
+        def has_checkpoint(p: Path) -> bool:
+            return _find_checkpoint(p) is not None
+
+        out = check_output(out, kind="dir", flag="--out", resumable=lambda p: resume or has_checkpoint(p))
+        if resume and not (out.is_dir() and has_checkpoint(out)):
+            fail(f"--resume: {out} holds no checkpoint to continue (start a new run without --resume)")
+        in_place = resume or not (out.is_dir() and any(out.iterdir()))
+        if not in_place and not overwrite_allowed() and has_checkpoint(out):
+            fail(f"--out {out} holds a training run's checkpoint; pass --resume to continue it or "
+                 "--overwrite to start over")
+        check_json_out(as_json)
+        from hookmoe.routing.plan import Plan
+
+        Plan.parse(plan)  # a malformed plan fails before the model loads and the data is read
         # torchrun / accelerate launch: join the process group; rank 0 alone writes and shows progress
         ctx = distributed.init_from_env()
         if not ctx.is_main:
@@ -96,30 +113,50 @@ def register_cli(app) -> None:
                                          split="heldout", progress=not no_progress)
         except DataError as e:
             fail(str(e))
+        import contextlib
+
+        from hookmoe.files import atomic_dir
+
+        # a new (or empty) --out, or a resumed run: train in place, so a checkpoint survives Ctrl-C;
+        # --overwrite of an existing folder: train next to it and swap only once the new artifact is complete
+        where = contextlib.nullcontext(out) if in_place or not ctx.is_main else atomic_dir(out)
         try:
-            result = train_hook(
-                mm, layers=layers, plan=plan, train_blocks=train_blocks, val_blocks=val_blocks,
-                objective=objective, steps=steps, epochs=None if steps else epochs, lr=lr, batch_size=batch_size,
-                out_dir=out, resume=resume, progress=not no_progress, grad_accum=grad_accum,
-                weight_decay=weight_decay, warmup=warmup, schedule=schedule, max_grad_norm=max_grad_norm or None,
-                eval_every=eval_every, patience=patience or None, checkpoint_every=checkpoint_every, init=init,
-                inner_size=inner_size, rank=rank, kind=kind, budget=budget, kd_temperature=kd_temperature,
-                kd_topk=kd_topk or None,
-                hidden_layer=hidden_layer,
-                grad_checkpointing=grad_checkpointing, amp=amp, seed=seed,
-                data_info={"calib": calib, "val_data": val_data or calib, "samples": samples, "seq_len": seq_len,
-                           "val_samples": val_samples, "model": model},
-            )
+            with where as work:
+                result = train_hook(
+                    mm, layers=layers, plan=plan, train_blocks=train_blocks, val_blocks=val_blocks,
+                    objective=objective, steps=steps, epochs=None if steps else epochs, lr=lr, batch_size=batch_size,
+                    out_dir=work, resume=resume, progress=not no_progress, grad_accum=grad_accum,
+                    weight_decay=weight_decay, warmup=warmup, schedule=schedule, max_grad_norm=max_grad_norm or None,
+                    eval_every=eval_every, patience=patience or None, checkpoint_every=checkpoint_every, init=init,
+                    inner_size=inner_size, rank=rank, kind=kind, budget=budget, kd_temperature=kd_temperature,
+                    kd_topk=kd_topk or None,
+                    hidden_layer=hidden_layer,
+                    grad_checkpointing=grad_checkpointing, amp=amp, seed=seed,
+                    data_info={"calib": calib, "val_data": val_data or calib, "samples": samples, "seq_len": seq_len,
+                               "val_samples": val_samples, "model": model},
+                )
         except KeyboardInterrupt as e:
-            ck = _find_checkpoint(out) if out.is_dir() and ctx.is_main else None
+            from hookmoe.cli.common import INTERRUPTED
+
             why = "interrupted"
             if isinstance(e, distributed.RankStopped):
                 why = f"rank {ctx.rank} stopped because another rank failed (see the launcher's report)"
+            ck = _find_checkpoint(out) if in_place and out.is_dir() and ctx.is_main else None
             if ck is not None:
-                st = json.loads((ck / TRAINER_STATE).read_text())
-                console.print(f"{why}: checkpoint of step {st['step']} kept in {ck}; continue with --resume")
-            elif why != "interrupted":
-                console.print(why)
+                try:
+                    step_no = json.loads((ck / TRAINER_STATE).read_text())["step"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    step_no = "?"
+                INTERRUPTED.set(f"{why}: checkpoint of step {step_no} kept in {ck}; continue with the same "
+                                "command and --resume")
+            elif not ctx.is_main:
+                INTERRUPTED.set(why)
+            elif in_place:
+                INTERRUPTED.set(f"{why} before the first checkpoint: nothing to resume in {out}; run the "
+                                "command again to start over")
+            else:
+                INTERRUPTED.set(f"{why}: {out} was left as it was (nothing replaced); run the command again "
+                                "to start over")
             raise
         m = result.metrics
         if not ctx.is_main:

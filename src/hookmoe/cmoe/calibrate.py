@@ -3,6 +3,8 @@ dense FFN (``gain``) or have the largest outputs (``norm``); only the routers tr
 
 from __future__ import annotations
 
+from hookmoe.errors import ConversionError
+
 from hookmoe import progress as progress_bars
 
 import time
@@ -42,11 +44,11 @@ def resolve_calibration_target(num_experts: int, rank_target: str = "auto",
     fine = num_experts >= FINE_GRAINED_MIN_EXPERTS
     target = ("norm" if fine else "gain") if rank_target == "auto" else rank_target
     if target not in RANK_TARGETS:
-        raise ValueError(f"rank_target must be auto or one of {', '.join(RANK_TARGETS)}, got {rank_target!r}")
+        raise ConversionError(f"rank_target must be auto or one of {', '.join(RANK_TARGETS)}, got {rank_target!r}")
     if mse_weight is None:
         mse_weight = 0.0 if fine else 1.0
     if mse_weight < 0:
-        raise ValueError(f"mse_weight must be >= 0, got {mse_weight}")
+        raise ConversionError(f"mse_weight must be >= 0, got {mse_weight}")
     return target, float(mse_weight)
 
 
@@ -171,16 +173,16 @@ def calibrate_routers(
     loss curve, wall times); they are also stored in ``cmoe_model.cmoe_info["router_calibration"]``.
     """
     if objective not in ("mlp", "kl", "both"):
-        raise ValueError(f"objective must be 'mlp', 'kl' or 'both', got {objective!r}")
+        raise ConversionError(f"objective must be 'mlp', 'kl' or 'both', got {objective!r}")
     if steps < 0:
-        raise ValueError("steps must be >= 0")
+        raise ConversionError("steps must be >= 0")
     rank_target, mse_weight = resolve_calibration_target(cmoe_model.moe_blocks()[0].gate.num_experts,
                                                          rank_target, mse_weight)
     blocks = calib_blocks.long()
     device = next(cmoe_model.parameters()).device
     dense_layers = _decoder_layers(dense_model)
     if len(dense_layers) != len(cmoe_model.moe_blocks()):
-        raise ValueError("dense and CMoE models have different numbers of layers")
+        raise ConversionError("dense and CMoE models have different numbers of layers")
     dense_model.eval()
     cmoe_model.eval()
 

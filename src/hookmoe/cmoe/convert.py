@@ -20,6 +20,8 @@ partition the neurons); ``tests/test_convert.py`` checks this on every supported
 
 from __future__ import annotations
 
+from hookmoe.errors import ConversionError
+
 from hookmoe import progress as progress_bars
 
 import copy
@@ -60,7 +62,7 @@ def _decoder_layers(model) -> list:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__} has no .model.layers decoder stack")
+        raise ConversionError(f"{type(model).__name__} has no .model.layers decoder stack")
     return list(layers)
 
 
@@ -68,7 +70,7 @@ def _dense_mlp(layer):
     mlp = getattr(layer, "mlp", None)
     for name in ("gate_proj", "up_proj", "down_proj"):
         if not isinstance(getattr(mlp, name, None), torch.nn.Linear):
-            raise ValueError(f"layer FFN {type(mlp).__name__} has no {name} linear (not a dense gated FFN)")
+            raise ConversionError(f"layer FFN {type(mlp).__name__} has no {name} linear (not a dense gated FFN)")
     return mlp
 
 
@@ -88,23 +90,23 @@ def default_activation_topk(ffn_size: int) -> int:
 def _check_shapes(config, num_experts: int, num_shared: int, top_k: int, activation_topk: int) -> int:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_BASE_TYPES:
-        raise ValueError(
+        raise ConversionError(
             f"CMoE conversion supports dense models of type {', '.join(SUPPORTED_BASE_TYPES)}; got {model_type!r}"
         )
     if getattr(config, "mlp_bias", False):
-        raise ValueError("CMoE conversion does not support FFNs with biases (mlp_bias=True)")
+        raise ConversionError("CMoE conversion does not support FFNs with biases (mlp_bias=True)")
     ffn = int(config.intermediate_size)
     if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        raise ConversionError(f"num_experts must be >= 1, got {num_experts}")
     if num_shared < 0:
-        raise ValueError(f"num_shared must be >= 0, got {num_shared}")
+        raise ConversionError(f"num_shared must be >= 0, got {num_shared}")
     if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
+        raise ConversionError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
     if not 1 <= activation_topk <= ffn:
-        raise ValueError(f"activation_topk must be between 1 and the FFN size {ffn}, got {activation_topk}")
+        raise ConversionError(f"activation_topk must be between 1 and the FFN size {ffn}, got {activation_topk}")
     total = num_experts + num_shared
     if ffn % total != 0:
-        raise ValueError(
+        raise ConversionError(
             f"FFN size {ffn} is not divisible by num_experts + num_shared = {num_experts} + {num_shared} = {total}; "
             f"E + S must divide {ffn}: one of {valid_expert_counts(ffn)}"
         )
@@ -274,7 +276,7 @@ def convert_dense(
         activation_topk = default_activation_topk(int(getattr(config, "intermediate_size", 16) or 16))
     size = _check_shapes(config, num_experts, num_shared, top_k, activation_topk)
     if calib_blocks is None or calib_blocks.ndim != 2 or calib_blocks.numel() == 0:
-        raise ValueError("calib_blocks must be a non-empty [n_blocks, seq_len] LongTensor of token ids")
+        raise ConversionError("calib_blocks must be a non-empty [n_blocks, seq_len] LongTensor of token ids")
     ffn = int(config.intermediate_size)
     was_training = model.training
     model.eval()

@@ -3,6 +3,8 @@ training the experts, the routers or both, with a held-out KL curve."""
 
 from __future__ import annotations
 
+from hookmoe.errors import ConversionError
+
 from hookmoe import progress as progress_bars
 
 import math
@@ -90,7 +92,7 @@ def finetune_parameters(model: HookmoeCMoEForCausalLM, train: str = "moe") -> li
     routed and shared experts), ``"experts"`` the routed and shared experts only, ``"routers"`` the
     routers only. Attention, norms and embeddings always stay frozen."""
     if train not in FINETUNE_PARTS:
-        raise ValueError(f"train must be one of {', '.join(FINETUNE_PARTS)}; got {train!r}")
+        raise ConversionError(f"train must be one of {', '.join(FINETUNE_PARTS)}; got {train!r}")
     params = []
     for block in model.moe_blocks():
         for name, p in block.named_parameters():
@@ -150,14 +152,14 @@ def distill_moe(
     stored in ``cmoe_model.cmoe_info["finetune"]``.
     """
     if steps < 0:
-        raise ValueError("steps must be >= 0")
+        raise ConversionError("steps must be >= 0")
     if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+        raise ConversionError("batch_size must be >= 1")
     if hidden_weight < 0 or eval_every < 0:
-        raise ValueError("hidden_weight and eval_every must be >= 0")
+        raise ConversionError("hidden_weight and eval_every must be >= 0")
     blocks = train_blocks.long()
     if blocks.ndim != 2 or blocks.numel() == 0:
-        raise ValueError("train_blocks must be a non-empty [n_blocks, seq_len] LongTensor of token ids")
+        raise ConversionError("train_blocks must be a non-empty [n_blocks, seq_len] LongTensor of token ids")
     params = finetune_parameters(cmoe_model, train)
     device = next(cmoe_model.parameters()).device
     dense_model.eval()

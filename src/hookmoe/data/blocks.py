@@ -139,7 +139,9 @@ def _progress_bar(enabled: bool, description: str, total: int) -> Any:
     """A context manager yielding ``update(completed)``; a no-op when disabled."""
     import contextlib
 
-    if not enabled:
+    from hookmoe.progress import wanted
+
+    if not wanted(enabled):  # asked for, a terminal, and not HOOKMOE_PROGRESS=0 (like every other bar)
         return contextlib.nullcontext(None)
 
     @contextlib.contextmanager
@@ -148,7 +150,7 @@ def _progress_bar(enabled: bool, description: str, total: int) -> Any:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = (
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # the description holds the user's source
             BarColumn(),
             TextColumn("{task.completed:,}/{task.total:,} tokens"),
             TimeElapsedColumn(),

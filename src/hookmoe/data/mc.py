@@ -219,7 +219,7 @@ def builtin_mc(n: int, seed: int = 0, *, n_choices: int = 4, src: str = "builtin
     if len(pairs) < max(n, n_choices):
         raise DataError(
             f"The {split} split of '{src}' has {len(pairs)} usable sentences, too few for {n} items "
-            f"with {n_choices} choices; ask for fewer items or use split='all'."
+            f"with {n_choices} choices; ask for fewer items or use --split all."
         )
     rng = _rng(seed, "mc")
     lengths = np.array([len(rest.split()) for _, rest in pairs])

@@ -69,6 +69,7 @@ def _rng(seed: int, purpose: str) -> np.random.RandomState:
 
 
 def _as_int(value: Any, name: str, minimum: int | None = None) -> int:
+    name = "--" + name.replace("_", "-")  # messages name the flag (--n-blocks), not the Python parameter
     if isinstance(value, bool):
         raise DataError(f"{name} must be an integer, not {value!r}.")
     try:
@@ -141,13 +142,19 @@ def _row_text(row: Any, spec: _HubSpec) -> str:
             fields = ", ".join(sorted(map(str, row))) or "none"
             raise DataError(
                 f"Hub dataset {spec.dataset} has no text field '{name}' (its fields: {fields}); "
-                "choose the text field with text_field."
+                "choose another text field."
             )
         pieces.append(value.strip())
     return "\n".join(pieces).strip()
 
 
 def _iter_hub(spec: _HubSpec, shuffle_seed: int | None) -> Iterator[str]:
+    from hookmoe.compat import hub_offline_reason
+
+    reason = hub_offline_reason()
+    if reason is not None:  # one line now, not minutes of retries
+        raise DataError(f"Hub dataset {spec.dataset} is streamed from the hub, but {reason}; use builtin or a local "
+                        "text file or folder.")
     datasets = _import_datasets()
     yielded = False
     try:
@@ -230,7 +237,7 @@ def _record_text(record: Any, text_field: str, where: str) -> str:
     if isinstance(record, dict):
         if text_field not in record:
             fields = ", ".join(sorted(map(str, record))) or "none"
-            raise DataError(f"{where} has no '{text_field}' field (its fields: {fields}); choose the text field with text_field.")
+            raise DataError(f"{where} has no '{text_field}' field (its fields: {fields}); choose another text field.")
         value = record[text_field]
         if value is None:
             return ""
@@ -266,11 +273,22 @@ def _read_parquet_column(path: Path, text_field: str) -> list[Any]:
     raise DataError(f"Reading {path.name} needs pyarrow; install it with `pip install pyarrow`.")
 
 
+def _check_text(text: str, path: Path) -> None:
+    """Refuse binary data read as text: NUL bytes or many undecodable bytes (shown as U+FFFD) in its first 64 kB."""
+    head = text[:65536]
+    if not head:
+        return
+    bad = head.count("\ufffd") + head.count("\x00")
+    if "\x00" in head or bad > max(8, len(head) // 100):
+        raise DataError(f"{path} is not text (binary or not UTF-8); give a UTF-8 .txt/.jsonl/.parquet file.")
+
+
 def _iter_file(path: Path, text_field: str) -> Iterator[str]:
     kind = _file_kind(path)
     if kind == "text":
         with _open_text(path) as handle:
             text = handle.read().replace("\r\n", "\n")
+        _check_text(text, path)
         yield from (doc.strip() for doc in re.split(r"\n[ \t]*\n", text))
     elif kind == "jsonl":
         with _open_text(path) as handle:
@@ -298,11 +316,28 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _local_fingerprint(files: Sequence[Path]) -> list[list[Any]]:
-    out = []
-    for file in files:
-        stat = file.stat()
-        out.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
-    return out
+    """Path and a SHA-256 of the bytes of every file: a replaced file (even of the same size and time) never reuses
+    stale cached tokens."""
+    return [[str(file.resolve()), _content_hash(file)] for file in files]
+
+
+_HASHES: dict[tuple, str] = {}  # within one process: (path, size, mtime, ctime, inode) -> content hash
+
+
+def _content_hash(file: Path) -> str:
+    try:
+        st = file.stat()
+        memo = (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if memo in _HASHES:
+            return _HASHES[memo]
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise DataError(f"Cannot read {file}: {e.strerror or type(e).__name__}.") from None
+    _HASHES[memo] = h.hexdigest()
+    return _HASHES[memo]
 
 
 @dataclass(frozen=True)
@@ -352,7 +387,7 @@ def _resolve(src: str, text_field: str = "text") -> _Source:
     if not isinstance(src, str) or not src.strip():
         raise DataError("The data source is empty; use builtin, c4, math, hf:DATASET or a path to a text file or folder.")
     if not isinstance(text_field, str) or not text_field:
-        raise DataError("text_field must be a non-empty field name such as 'text'.")
+        raise DataError("The text field must be a non-empty field name such as 'text'.")
     src = src.strip()
     if src in BUILTIN_SOURCES:
         return _Source(src, text_field, builtin=src)

@@ -55,7 +55,7 @@ def _split_error(src: str, split: str, n_documents: int, fraction: float) -> Dat
     if n_documents == 1:
         return DataError(
             f"'{src}' holds a single document, so its {split} split is empty; separate documents with "
-            "blank lines, add files, or use split='all'."
+            "blank lines, add files, or use --split all."
         )
     return DataError(
         f"The {split} split of '{src}' is empty ({n_documents} documents, heldout_fraction={fraction}); "

@@ -4,9 +4,9 @@ checking it against the model it is attached to."""
 from __future__ import annotations
 
 from hookmoe.files import json_default as _json_default, write_json as _write_json_atomic  # noqa: F401
+from hookmoe.files import check_keys, inside, read_json_file
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -47,13 +47,11 @@ def read_manifest(directory: str | Path) -> dict:
     cfg = d / CONFIG_NAME
     if not cfg.is_file():
         raise ArtifactError(f"{directory} is not a hook artifact (no {CONFIG_NAME})")
-    try:
-        m = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"hook manifest {cfg} is corrupt (not valid JSON)") from e
+    m = read_json_file(cfg, what="hook manifest", error=ArtifactError)
     if not isinstance(m, dict) or m.get("format") != HOOK_FORMAT:
         fmt = m.get("format") if isinstance(m, dict) else None
         raise ArtifactError(f"{cfg} has format {fmt!r}, expected {HOOK_FORMAT!r}")
+    check_manifest(m, str(cfg))
     try:
         h = m["hook"]
         m["_layers"] = [int(i) for i in h["layers"]]
@@ -73,6 +71,49 @@ def read_manifest(directory: str | Path) -> dict:
         raise ArtifactError(f"hook manifest {cfg} is incomplete (missing hook layers or sizes)") from e
     m["_dir"] = str(d)
     return m
+
+
+_OPT_DICT = (dict, type(None))
+_NUM = (int, float)
+
+#: hookmoe.json: every key and its JSON type; unknown keys and wrong types are refused with the key's name.
+MANIFEST_SCHEMA = {"format": str, "kind": str, "hookmoe_version": str, "created": str, "base_model": _OPT_DICT, "hook": dict,
+                   "plan": (dict, str, type(None)), "training": _OPT_DICT, "metrics": _OPT_DICT,
+                   "weights": _OPT_DICT}
+BASE_MODEL_SCHEMA = {"source": (str, type(None)), "arch": (str, type(None)), "fingerprint": (str, type(None)),
+                     "hidden_size": int, "num_layers": int, "moe_layers": list}
+HOOK_SCHEMA = {"kind": str, "parts": dict, "layers": list, "hidden_size": int, "inner_size": (int, type(None)),
+               "init": str, "r_init": _NUM, "dtype": str,
+               "params": int, "params_fraction_of_model": _NUM, "r": dict}
+WEIGHTS_SCHEMA = {"file": str, "sha256": (str, type(None))}
+
+
+def check_manifest(m: dict, where: str) -> None:
+    """Strict schema of a hook manifest (ArtifactError naming the key); the weights file must lie inside the
+    artifact folder."""
+    check_keys(m, MANIFEST_SCHEMA, where=where, required=("format", "hook"), error=ArtifactError)
+    h = check_keys(m["hook"], HOOK_SCHEMA, where=f"{where}: 'hook'", required=("layers", "hidden_size"),
+                   error=ArtifactError)
+    layers = h["layers"]
+    if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise ArtifactError(f"{where}: 'hook.layers' must be a non-empty list of layer numbers, got {layers!r}")
+    for k in ("hidden_size", "inner_size"):  # inner_size: None for kinds without a Hook part
+        if h.get(k) is not None and h[k] < 1:
+            raise ArtifactError(f"{where}: 'hook.{k}' must be >= 1, got {h[k]}")
+    if m.get("base_model") is not None:
+        check_keys(m["base_model"], BASE_MODEL_SCHEMA, where=f"{where}: 'base_model'", error=ArtifactError)
+    if m.get("weights") is not None:
+        w = check_keys(m["weights"], WEIGHTS_SCHEMA, where=f"{where}: 'weights'", error=ArtifactError)
+        if "file" in w:
+            inside(Path(where).parent, w["file"], where=f"{where}: 'weights.file'", error=ArtifactError)
+    if isinstance(m.get("plan"), dict):
+        from hookmoe.errors import PlanError
+        from hookmoe.routing.plan import Plan
+
+        try:
+            Plan.from_dict(m["plan"], where=f"{where}: 'plan'")
+        except PlanError as e:
+            raise ArtifactError(str(e)) from None
 
 
 def _check_compat(mm, m: dict, directory: str | Path, strict: bool) -> None:
@@ -99,7 +140,8 @@ def read_weights(directory: str | Path, m: dict | None = None) -> dict[str, torc
 
     m = m or read_manifest(directory)
     d = Path(m["_dir"])
-    wfile = d / ((m.get("weights") or {}).get("file") or WEIGHTS_NAME)
+    wfile = inside(d, (m.get("weights") or {}).get("file") or WEIGHTS_NAME, where=f"{d / CONFIG_NAME}: 'weights.file'",
+                   error=ArtifactError)
     if not wfile.is_file():
         raise ArtifactError(f"hook artifact {directory} has no weights file ({wfile.name})")
     want = (m.get("weights") or {}).get("sha256")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import os
 import shutil
 import tempfile
@@ -43,7 +42,7 @@ def _hooks_detached(mm):
 
 
 def export_model(mm, out: str | Path, *, plan: Any = None, hook: str | Path | HookSet | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool | None = None) -> Path:
     """Write ``mm``'s base model + tokenizer, a hook and a plan to ``out`` for :func:`load_export`.
 
     ``hook`` is an artifact directory or a HookSet (default: the Hooks in ``mm``); ``plan`` defaults to
@@ -52,9 +51,9 @@ def export_model(mm, out: str | Path, *, plan: Any = None, hook: str | Path | Ho
     from hookmoe.errors import PlanError
     from hookmoe.routing.plan import Dynamic, Plan
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ArtifactError(f"export directory {out} exists and is not empty")
+    from hookmoe.files import check_output, replace_dir
+
+    out = check_output(out, kind="dir", flag="--out", overwrite=overwrite, error=ArtifactError)
     if isinstance(hook, (str, Path)):
         remove_hooks(mm)
         hs = attach_hooks(mm, hook)
@@ -88,24 +87,39 @@ def export_model(mm, out: str | Path, *, plan: Any = None, hook: str | Path | Ho
             "plan": "plan.json",
             "hook": "hook" if hs is not None else None,
         })
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)  # an old export is moved aside and deleted only once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+_OPT_STR = (str, type(None))
+
+#: hookmoe_export.json: every key and its JSON type (unknown keys and wrong types are refused).
+EXPORT_SCHEMA = {"format": str, "hookmoe_version": str, "created": str, "base_model": (dict, type(None)),
+                 "tokenizer_class": _OPT_STR, "plan": _OPT_STR, "hook": _OPT_STR,
+                 # written by hookmoe.serving.export (engine-ready exports; checked by serving.spec)
+                 "engine": (dict, type(None))}
+
+
 def load_export(path: str | Path, **kw):
     """Load a directory written by :func:`export_model`: base model, tokenizer, hook and plan applied."""
+    from hookmoe.files import check_keys, inside, read_json_file
+
     d = Path(path)
-    try:
-        m = json.loads((d / EXPORT_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{d / EXPORT_NAME} is missing or corrupt") from e
+    where = str(d / EXPORT_NAME)
+    m = read_json_file(d / EXPORT_NAME, what="export manifest", error=ArtifactError)
     if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT:
-        raise ArtifactError(f"{d / EXPORT_NAME} has an unsupported format (expected {EXPORT_FORMAT!r})")
+        raise ArtifactError(f"{where} has an unsupported format (expected {EXPORT_FORMAT!r})")
+    check_keys(m, EXPORT_SCHEMA, where=where, required=("format",), error=ArtifactError)
+    if m.get("base_model") is not None:
+        from hookmoe.hook.artifact import BASE_MODEL_SCHEMA
+
+        check_keys(m["base_model"], BASE_MODEL_SCHEMA, where=f"{where}: 'base_model'", error=ArtifactError)
+    for key in ("plan", "hook"):  # artifact-internal paths stay inside the export folder
+        if m.get(key) is not None:
+            inside(d, m[key], where=f"{where}: '{key}'", error=ArtifactError)
     model, tok = load_causal_lm(str(d), **kw)
     if tok is None or (m.get("tokenizer_class") and type(tok).__name__ != m["tokenizer_class"]):
         tok = _load_tokenizer_class(d, m.get("tokenizer_class")) or tok

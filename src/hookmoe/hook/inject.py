@@ -243,6 +243,11 @@ class HookSet:
             "metrics": metrics if metrics is not None else self.manifest.get("metrics"),
             "weights": {"file": WEIGHTS_NAME, "sha256": digest},
         }
+        from hookmoe.hook.artifact import MANIFEST_SCHEMA
+
+        unknown = sorted(set(extra) - set(MANIFEST_SCHEMA))
+        if unknown:  # readers refuse unknown manifest keys, so writers must not make them
+            raise TypeError(f"save_pretrained got unknown manifest keys: {', '.join(unknown)}")
         manifest.update(extra)
         _write_json_atomic(directory / CONFIG_NAME, manifest)
         self.manifest = manifest

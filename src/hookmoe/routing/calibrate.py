@@ -167,101 +167,130 @@ def calibrate_plan(mm, plan: Any, blocks: torch.Tensor, target_act: float | None
     calibration tokens and the number of measurement passes.
     """
     p = _as_plan(plan, target_act)
-    rules = p.resolve(mm)
-    dyn = {i: r for i, r in rules.items() if isinstance(r, Dynamic)}
-    if not dyn:
-        raise PlanError(f"plan '{p.describe()}' has no dynamic rule (topp, ratio, naee, entropy) to calibrate")
-    kinds = sorted({r.kind for r in dyn.values()})
-    blocks = blocks.long()
-    n_moe = len(rules)
-    per_target = None
-    if target_act is not None:
-        if len(kinds) > 1:
-            raise PlanError(f"calibrate one kind of dynamic rule at a time (this plan mixes {', '.join(kinds)})")
-        static = sum(_cap(mm, r) for i, r in rules.items() if i not in dyn)
-        per_target = (float(target_act) * n_moe - static) / len(dyn)
-        lo_cap = min(_cap(mm, r) for r in dyn.values())
-        if not 1.0 <= per_target <= lo_cap + 1e-9:
-            raise PlanError(f"target Act {target_act:g} is out of reach for this plan (its dynamic layers would "
-                            f"need {per_target:.3f} experts per token; possible: 1..{lo_cap})")
+    fit = _Calibration(mm, p, blocks.long(), target_act, batch_size=batch_size, tol=tol, max_iter=max_iter)
     t0 = time.perf_counter()
-    passes = 0
-    current = dict(rules)
-
-    def measure_rules(rs: dict[int, Any]) -> tuple[float, dict]:
-        nonlocal passes
-        passes += 1
-        return measure_act(mm, plan_from_rules(rs), blocks, batch_size=batch_size)
-
-    candidates = {i: (TopK(_cap(mm, r)) if i in dyn else r) for i, r in rules.items()}
     with progress_bars.bar(progress, f"calibrating {p.describe()}", None) as advance:
-        # naee: per-layer medians of p2/p1, then a common scale for a target Act
-        naee = {i: r for i, r in dyn.items() if r.kind == "naee"}
-        if naee:
-            need_stats = any(r.value is None for r in naee.values())
-            stats = collect_router_stats(mm, blocks, plan=plan_from_rules(candidates), batch_size=batch_size) \
-                if need_stats else {}
-            passes += int(need_stats)
-            betas = {i: (float(r.value) if r.value is not None else
-                         (float(stats[i].ratio(1).median()) if i in stats else 0.0)) for i, r in naee.items()}
-            for i, r in naee.items():
-                current[i] = replace(r, value=min(1.0, max(0.0, betas[i])))
-            if per_target is not None:
-                pos = [b for b in betas.values() if b > 0]
-                s_hi = 1.0 / min(pos) if pos else 1.0
-
-                def m_naee(s: float):
-                    advance(1)
-                    for i, r in naee.items():
-                        current[i] = replace(r, value=min(1.0, max(0.0, s * betas[i])))
-                    return measure_rules(current)
-
-                s, _, _, _ = _bisect(m_naee, 0.0, s_hi, float(target_act), increasing=False, tol=tol,
-                                     max_iter=max_iter)
-                for i, r in naee.items():
-                    current[i] = replace(r, value=min(1.0, max(0.0, s * betas[i])))
-        # entropy: per-layer quantile thresholds, refitted under the plan being built (upstream changes)
-        ent = {i: r for i, r in dyn.items() if r.kind == "entropy"}
-        fit_ent = {i: r for i, r in ent.items() if r.thresholds is None or per_target is not None}
-        if fit_ent:
-            goal = {i: (per_target if per_target is not None else float(r.value)) for i, r in fit_ent.items()}
-            for i, r in fit_ent.items():
-                cap = _cap(mm, r)
-                if not 1.0 <= goal[i] <= cap:
-                    raise PlanError(f"entropy target Act {goal[i]:g} is out of range for layer {i} (1..{cap})")
-            plan_for_stats = dict(candidates)
-            for it in range(3):
-                stats = collect_router_stats(mm, blocks, plan=plan_from_rules(plan_for_stats), batch_size=batch_size)
-                passes += 1
-                advance(1)
-                for i, r in fit_ent.items():
-                    ts = entropy_thresholds(stats[i].entropy, goal[i], _cap(mm, r), mm.num_experts)
-                    current[i] = replace(r, value=None, thresholds=ts)
-                plan_for_stats = {**plan_for_stats, **{i: current[i] for i in fit_ent}}
-                act, per = measure_rules(current)
-                if all(abs(per.get(i, goal[i]) - goal[i]) <= tol for i in fit_ent):
-                    break
-        # topp / ratio: bisection on a common shift of the per-layer thresholds (keeps a depth schedule's slope)
-        tau = {i: r for i, r in dyn.items() if r.kind in ("topp", "ratio")}
-        if tau and per_target is not None:
-            base = {i: float(r.value) for i, r in tau.items()}
-
-            def m_tau(d: float):
-                advance(1)
-                for i, r in tau.items():
-                    current[i] = replace(r, value=min(1.0, max(1e-4, base[i] + d)))
-                return measure_rules(current)
-
-            d, _, _, _ = _bisect(m_tau, -1.0, 1.0, float(target_act), increasing=True, tol=tol, max_iter=max_iter)
-            for i, r in tau.items():
-                current[i] = replace(r, value=min(1.0, max(1e-4, base[i] + d)))
-        act, per = measure_rules(current)
-    tokens = int(blocks.numel())
+        fit.advance = advance
+        fit.naee()
+        fit.entropy()
+        fit.tau()
+        act, per = fit.measure(fit.current)
     name = p.describe() + (f" @Act {target_act:g}" if target_act is not None else "") + " (calibrated)"
     meta = dict(p.meta)
     meta["calibration"] = {
-        "from": p.describe(), "kinds": kinds, "target_act": target_act, "measured_act": act,
-        "act_per_layer": {str(i): a for i, a in sorted(per.items())}, "tokens": tokens, "passes": passes,
-        "time_s": time.perf_counter() - t0,
+        "from": p.describe(), "kinds": fit.kinds, "target_act": target_act, "measured_act": act,
+        "act_per_layer": {str(i): a for i, a in sorted(per.items())}, "tokens": int(fit.blocks.numel()),
+        "passes": fit.passes, "time_s": time.perf_counter() - t0,
     }
-    return plan_from_rules(current, name=name, meta=meta)
+    return plan_from_rules(fit.current, name=name, meta=meta)
+
+
+class _Calibration:
+    """The state of one :func:`calibrate_plan` fit: the rules being fitted (``current``), the per-layer Act the
+    dynamic layers must reach (``per_target``), and one fitting step per kind of rule."""
+
+    def __init__(self, mm, p: Plan, blocks: torch.Tensor, target_act: float | None, *, batch_size: int, tol: float,
+                 max_iter: int):
+        self.mm, self.blocks, self.target_act = mm, blocks, target_act
+        self.batch_size, self.tol, self.max_iter = batch_size, tol, max_iter
+        rules = p.resolve(mm)
+        self.dyn = {i: r for i, r in rules.items() if isinstance(r, Dynamic)}
+        if not self.dyn:
+            raise PlanError(f"plan '{p.describe()}' has no dynamic rule (topp, ratio, naee, entropy) to calibrate")
+        self.kinds = sorted({r.kind for r in self.dyn.values()})
+        self.per_target = self._per_layer_target(rules) if target_act is not None else None
+        self.current = dict(rules)
+        # the candidates each dynamic layer chooses from: its cap, as a static top-k
+        self.candidates = {i: (TopK(_cap(mm, r)) if i in self.dyn else r) for i, r in rules.items()}
+        self.passes = 0
+        self.advance = lambda n=1: None
+
+    def _per_layer_target(self, rules: dict) -> float:
+        """What each dynamic layer must reach so that, with the static layers, the plan's Act is the target."""
+        if len(self.kinds) > 1:
+            raise PlanError(f"calibrate one kind of dynamic rule at a time (this plan mixes {', '.join(self.kinds)})")
+        static = sum(_cap(self.mm, r) for i, r in rules.items() if i not in self.dyn)
+        per_target = (float(self.target_act) * len(rules) - static) / len(self.dyn)
+        lo_cap = min(_cap(self.mm, r) for r in self.dyn.values())
+        if not 1.0 <= per_target <= lo_cap + 1e-9:
+            raise PlanError(f"target Act {self.target_act:g} is out of reach for this plan (its dynamic layers would "
+                            f"need {per_target:.3f} experts per token; possible: 1..{lo_cap})")
+        return per_target
+
+    def measure(self, rules: dict[int, Any]) -> tuple[float, dict]:
+        self.passes += 1
+        return measure_act(self.mm, plan_from_rules(rules), self.blocks, batch_size=self.batch_size)
+
+    def _stats(self, rules: dict[int, Any]) -> dict:
+        self.passes += 1
+        return collect_router_stats(self.mm, self.blocks, plan=plan_from_rules(rules), batch_size=self.batch_size)
+
+    def naee(self) -> None:
+        """Per-layer medians of p2/p1, then (for a target Act) one common scale found by bisection."""
+        naee = {i: r for i, r in self.dyn.items() if r.kind == "naee"}
+        if not naee:
+            return
+        stats = self._stats(self.candidates) if any(r.value is None for r in naee.values()) else {}
+        betas = {i: (float(r.value) if r.value is not None else
+                     (float(stats[i].ratio(1).median()) if i in stats else 0.0)) for i, r in naee.items()}
+
+        def scaled(s: float) -> None:
+            for i, r in naee.items():
+                self.current[i] = replace(r, value=min(1.0, max(0.0, s * betas[i])))
+
+        scaled(1.0)
+        if self.per_target is None:
+            return
+        pos = [b for b in betas.values() if b > 0]
+
+        def m_naee(s: float):
+            self.advance(1)
+            scaled(s)
+            return self.measure(self.current)
+
+        s, _, _, _ = _bisect(m_naee, 0.0, 1.0 / min(pos) if pos else 1.0, float(self.target_act), increasing=False,
+                             tol=self.tol, max_iter=self.max_iter)
+        scaled(s)
+
+    def entropy(self) -> None:
+        """Per-layer quantile thresholds, refitted under the plan being built (upstream layers change)."""
+        fit = {i: r for i, r in self.dyn.items()
+               if r.kind == "entropy" and (r.thresholds is None or self.per_target is not None)}
+        if not fit:
+            return
+        goal = {i: (self.per_target if self.per_target is not None else float(r.value)) for i, r in fit.items()}
+        for i, r in fit.items():
+            cap = _cap(self.mm, r)
+            if not 1.0 <= goal[i] <= cap:
+                raise PlanError(f"entropy target Act {goal[i]:g} is out of range for layer {i} (1..{cap})")
+        plan_for_stats = dict(self.candidates)
+        for _ in range(3):
+            stats = self._stats(plan_for_stats)
+            self.advance(1)
+            for i, r in fit.items():
+                ts = entropy_thresholds(stats[i].entropy, goal[i], _cap(self.mm, r), self.mm.num_experts)
+                self.current[i] = replace(r, value=None, thresholds=ts)
+            plan_for_stats = {**plan_for_stats, **{i: self.current[i] for i in fit}}
+            _, per = self.measure(self.current)
+            if all(abs(per.get(i, goal[i]) - goal[i]) <= self.tol for i in fit):
+                break
+
+    def tau(self) -> None:
+        """top-p / max-ratio: bisection on a common shift of the per-layer thresholds (keeps a depth schedule)."""
+        tau = {i: r for i, r in self.dyn.items() if r.kind in ("topp", "ratio")}
+        if not tau or self.per_target is None:
+            return
+        base = {i: float(r.value) for i, r in tau.items()}
+
+        def shifted(d: float) -> None:
+            for i, r in tau.items():
+                self.current[i] = replace(r, value=min(1.0, max(1e-4, base[i] + d)))
+
+        def m_tau(d: float):
+            self.advance(1)
+            shifted(d)
+            return self.measure(self.current)
+
+        d, _, _, _ = _bisect(m_tau, -1.0, 1.0, float(self.target_act), increasing=True, tol=self.tol,
+                             max_iter=self.max_iter)
+        shifted(d)

@@ -163,7 +163,7 @@ def apply_plan(mm, plan: Any = "native", *, count: bool = True) -> RoutingPatch:
             raise PlanError(
                 f"plan rule '{r.describe()}' needs calibration first (per-layer "
                 f"{'beta' if r.kind == 'naee' else 'thresholds'}); calibrate it on data (hookmoe compare / "
-                "hookmoe.search.calibrate_plan) or give the value, e.g. naee:0.3 or entropy:t=1.2/1.6"
+                "hookmoe.routing.calibrate_plan) or give the value, e.g. naee:0.3 or entropy:t=1.2/1.6"
             )
     return RoutingPatch(mm, p, rules, count=count)._apply()
 

@@ -136,6 +136,11 @@ def _options(parts: list[str], allowed: set[str], kind: str) -> dict[str, str]:
     return opts
 
 
+#: Keys of a plan file and their JSON types (anything else is refused with its name).
+PLAN_SCHEMA = {"format": str, "base": str, "layers": (dict, type(None)), "name": (str, type(None)),
+               "meta": (dict, type(None))}
+
+
 @dataclass
 class Plan:
     """A routing plan: a base rule set plus per-layer overrides, resolved against a model on apply."""
@@ -155,14 +160,11 @@ class Plan:
         if isinstance(spec, dict):
             return cls.from_dict(spec)
         if isinstance(spec, Path) or (isinstance(spec, str) and spec.strip().endswith(".json")):
+            from hookmoe.files import read_json_file
+
             path = Path(spec)
-            if not path.is_file():
-                raise PlanError(f"plan file not found: {spec}")
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise PlanError(f"plan file {spec} is not valid JSON ({e.msg} at line {e.lineno})") from None
-            return cls.from_dict(data, name=path.stem)
+            data = read_json_file(path, what="plan file", error=PlanError)
+            return cls.from_dict(data, name=path.stem, where=f"plan file {path}")
         if not isinstance(spec, str) or not spec.strip():
             raise PlanError("empty routing plan")
         plan = cls(base=spec.strip())
@@ -170,9 +172,10 @@ class Plan:
         return plan
 
     @classmethod
-    def from_dict(cls, data: dict, name: str | None = None) -> "Plan":
-        if not isinstance(data, dict):
-            raise PlanError("a plan file must hold a JSON object")
+    def from_dict(cls, data: dict, name: str | None = None, where: str = "plan") -> "Plan":
+        from hookmoe.files import check_keys
+
+        check_keys(data, PLAN_SCHEMA, where=where, error=PlanError)  # a misspelt key is refused, not ignored
         fmt = data.get("format", "hookmoe-plan/1")
         if fmt != "hookmoe-plan/1":
             raise PlanError(f"unsupported plan format '{fmt}' (expected hookmoe-plan/1)")
@@ -180,7 +183,7 @@ class Plan:
         if not isinstance(layers, dict) or not all(isinstance(v, str) for v in layers.values()):
             raise PlanError("plan 'layers' must map layer ranges to rule strings, e.g. {\"16-31\": \"topk:1\"}")
         plan = cls(base=str(data.get("base", "native")), layers={str(k): v for k, v in layers.items()},
-                   name=data.get("name", name), meta=dict(data.get("meta", {})))
+                   name=data.get("name", name), meta=dict(data.get("meta") or {}))
         plan._check_syntax()
         return plan
 
@@ -197,7 +200,9 @@ class Plan:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from hookmoe.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     def describe(self) -> str:

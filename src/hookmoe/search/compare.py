@@ -138,7 +138,9 @@ def write_compare(result: dict, out_dir: str | Path, *, title: str = "") -> dict
     paths = {"json": report.write_json(out / "compare.json", result)}
     md = f"# {title or 'Method comparison'}\n\nTarget Act {result['act']:g}; metric {result['metric']}.\n\n"
     md += compare_markdown(result) + "\n"
-    (out / "compare.md").write_text(md)
+    from hookmoe.files import atomic_write_text
+
+    atomic_write_text(out / "compare.md", md)
     paths["md"] = out / "compare.md"
     pts = [{"label": r["plan"] if r["method"] == "topk" else r["method"], "score": r["score"], "act": r["act"]}
            for r in result["rows"] if r.get("score") is not None]

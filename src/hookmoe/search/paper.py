@@ -70,20 +70,18 @@ class _Log:
             with open(self.path, "a") as f:
                 f.write(json.dumps(entry, default=str) + "\n")
         if self.console is not None:
-            from rich.markup import escape
-
             if "score" in entry:
-                ok = "[green]ok[/green]" if entry.get("within") else "[red]over[/red]"
+                ok = "ok" if entry.get("within") else "over"
                 if entry.get("within") is None:
                     ok = ""
-                what = escape(str(entry.get("label", entry.get("plan"))))
-                self.console.print(f"  {escape('[' + entry['phase'] + ']')} {what}: "
+                what = str(entry.get("label", entry.get("plan")))
+                self.console.print(f"  {'[' + entry['phase'] + ']'} {what}: "
                                    f"score {entry['score']:.4f} (drop {100 * entry.get('drop', 0):+.2f}%) "
                                    f"Act {entry.get('act', float('nan')):.3f} {ok}"
-                                   + (" (cached)" if entry.get("cached") else ""), highlight=False)
+                                   + (" (cached)" if entry.get("cached") else ""), highlight=False, markup=False)
             elif entry.get("event"):
-                self.console.print(f"  {escape('[' + entry.get('phase', '') + ']')} {escape(entry['event'])}",
-                                   highlight=False)
+                self.console.print(f"  {'[' + entry.get('phase', '') + ']'} {entry['event']}",
+                                   highlight=False, markup=False)
 
 
 def tlnle_for_act(mm, act: float) -> str:

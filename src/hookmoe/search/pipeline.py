@@ -23,26 +23,28 @@ def run_pipeline(mm, *, calib: str, out: str | Path, tolerance: float = 0.01, da
                  hook_lr: float | None = QUICK_HOOK_LR, hook_batch_size: int = 4, objective: str | None = None,
                  max_evals: int | None = None, hook_candidates: Sequence[int] | None = None, batch_size: int = 8,
                  seed: int = 0, console=None, progress: bool = True, model_name: str | None = None,
-                 command: str | None = None) -> dict:
+                 command: str | None = None, allocator: str | None = None, act: float | None = None,
+                 final_out: str | Path | None = None) -> dict:
     """sweep → search → train → eval → report, all on one loaded model; everything lands in ``out``."""
     from hookmoe import report
     from hookmoe.data.blocks import make_blocks
+    from hookmoe.files import atomic_write_text
 
     t_start = time.perf_counter()
     out = Path(out)
     if (out / "hook").exists() and any((out / "hook").iterdir()):
-        raise SearchError(f"{out / 'hook'} already holds a Hook run; choose a new --out or delete it")
+        raise SearchError(f"--out: {out / 'hook'} already holds a Hook run; choose a new --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     if mm.tokenizer is None:
         raise SearchError("this model has no tokenizer, so text data cannot be tokenised")
 
     def say(msg: str) -> None:
         if console is not None:
-            console.print(msg, highlight=False)
+            console.print(msg, highlight=False, markup=False)
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    say(f"[bold]1/6 data[/bold]: {n_train}+{n_val} blocks from the train split of {calib}, {n_eval} held-out "
+    say(f"1/6 data: {n_train}+{n_val} blocks from the train split of {calib}, {n_eval} held-out "
         f"blocks from {data or calib} ({block_len} tokens each)")
     tv = make_blocks(mm.tokenizer, calib, n_train + n_val, block_len, seed=seed, split="train", progress=progress)
     train_blocks, val_blocks = tv[:n_train], tv[n_train:]
@@ -59,15 +61,15 @@ def run_pipeline(mm, *, calib: str, out: str | Path, tolerance: float = 0.01, da
     t = time.perf_counter()
     sw = None
     if mm.native_top_k >= 2:
-        say("[bold]2/6 sweep[/bold]: k-1 experts in every layer range (validation perplexity)")
+        say("2/6 sweep: k-1 experts in every layer range (validation perplexity)")
         sw = sweep(mm, val, group=group, progress=progress)
         write_sweep(sw, out)
     else:
-        say("[bold]2/6 sweep[/bold]: skipped (native k is 1)")
+        say("2/6 sweep: skipped (native k is 1)")
     timings["sweep"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    say(f"[bold]3/6 search[/bold]: tolerance {100 * tolerance:g}% (relative perplexity rise on validation blocks)")
+    say(f"3/6 search: tolerance {100 * tolerance:g}% (relative perplexity rise on validation blocks)")
     sr = search(mm, val, tolerance=tolerance, step=group, max_evals=max_evals, hook=True,
                 hook_candidates=hook_candidates, train_blocks=train_blocks,
                 hook_steps=search_hook_steps, hook_lr=hook_lr, hook_batch_size=hook_batch_size,
@@ -79,16 +81,26 @@ def run_pipeline(mm, *, calib: str, out: str | Path, tolerance: float = 0.01, da
 
     hook_plan = sr["hook"]["plan"] if sr.get("hook") else f"topk:{max(1, sr['k'] - 1)}"
     hook_layer = sr["hook"]["layer"] if sr.get("hook") else default_hook_layer(mm)
+    allocation = None
+    if allocator is not None:  # the reduced plan comes from an allocator (search/allocators.py) at the same Act
+        from hookmoe.search.allocators import get_allocator, plan_ks
+
+        ks0 = plan_ks(mm, hook_plan)
+        target = float(act) if act is not None else sum(ks0.values()) / len(ks0)
+        say(f"3/6 allocate: {allocator} at Act {target:g} (sensitivity on the validation blocks)")
+        ap = get_allocator(allocator).allocate(mm, target_act=target, calib=val_blocks, progress=progress)
+        allocation = ap.meta["allocation"]
+        hook_plan = ap.base
     Plan(base=hook_plan, meta={"hook_layer": hook_layer, "hook_dir": "hook"}).save(out / "hook_plan.json")
     t = time.perf_counter()
-    say(f"[bold]4/6 train[/bold]: Hook at layer {hook_layer} under {hook_plan}, {hook_steps} steps")
+    say(f"4/6 train: Hook at layer {hook_layer} under {hook_plan}, {hook_steps} steps")
     tr = train_hook_at(mm, hook_layer, hook_plan, train_blocks, val_blocks, steps=hook_steps, lr=hook_lr,
                        batch_size=hook_batch_size, objective=objective, out_dir=out / "hook", progress=progress)
     history = list(getattr(tr, "history", []) or [])
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    say("[bold]5/6 eval[/bold]: held-out perplexity" + (" and multiple choice" if mc_items else ""))
+    say("5/6 eval: held-out perplexity" + (" and multiple choice" if mc_items else ""))
     from hookmoe.hook.inject import get_hooks
 
     hs = get_hooks(mm)
@@ -120,7 +132,7 @@ def run_pipeline(mm, *, calib: str, out: str | Path, tolerance: float = 0.01, da
     if mc_items is not None:
         gap_mc = _gap_recovered(nat["mc"]["score"], red["mc"]["score"], hk["mc"]["score"])
     t = time.perf_counter()
-    say("[bold]6/6 report[/bold]")
+    say("6/6 report")
     pts = [{"label": k, "score": v["score"], "act": v["act"]} for k, v in evals.items()]
     report.quality_vs_act(pts, out / "quality_vs_act.png", baseline=nat["score"], ylabel="held-out perplexity",
                           title="held-out perplexity vs Act")
@@ -128,8 +140,8 @@ def run_pipeline(mm, *, calib: str, out: str | Path, tolerance: float = 0.01, da
     summary = {
         "model": model_name or mm.source, "command": command, "calib": calib, "data": data or calib,
         "tolerance": tolerance, "block_len": block_len, "n_train": n_train, "n_val": n_val, "n_eval": n_eval,
-        "search": {k: v for k, v in sr.items() if k != "log"}, "plan": splan.to_dict(),
-        "hook": {"layer": hook_layer, "plan": hook_plan, "dir": str(out / "hook"), "steps": hook_steps,
+        "search": {k: v for k, v in sr.items() if k != "log"}, "plan": splan.to_dict(), "allocation": allocation,
+        "hook": {"layer": hook_layer, "plan": hook_plan, "dir": str(Path(final_out or out) / "hook"), "steps": hook_steps,
                  "metrics": _jsonable(getattr(tr, "metrics", None))},
         "evals": evals, "gap_recovered": gap, "gap_recovered_mc": gap_mc, "timings_s": timings,
         "sweep": None if sw is None else {k: v for k, v in sw.items() if k != "rows"},
@@ -137,7 +149,7 @@ def run_pipeline(mm, *, calib: str, out: str | Path, tolerance: float = 0.01, da
     timings["report"] = time.perf_counter() - t
     summary["wall_time_s"] = time.perf_counter() - t_start
     report.write_json(out / "results.json", summary)
-    (out / "report.md").write_text(_report_md(mm, summary, sw, sr, evals, history))
+    atomic_write_text(out / "report.md", _report_md(mm, summary, sw, sr, evals, history))
     summary["wall_time_s"] = time.perf_counter() - t_start
     report.write_json(out / "results.json", summary)
     return summary

@@ -126,12 +126,17 @@ def write_sweep(result: dict, out_dir: str | Path, *, title: str = "") -> dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": report.write_json(out / "sweep.json", result)}
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["l", "r", "group_l", "group_r", "plan", "score", "drop", "act", "params_active"])
-        for r in result["rows"]:
-            w.writerow([r["l"], r["r"], r["group_l"], r["group_r"], r["plan"], f"{r['score']:.6g}",
-                        f"{r['drop']:.6g}", f"{r['act']:.6g}", r["params_active"]])
+    import io
+
+    from hookmoe.files import atomic_write_text
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["l", "r", "group_l", "group_r", "plan", "score", "drop", "act", "params_active"])
+    for r in result["rows"]:
+        w.writerow([r["l"], r["r"], r["group_l"], r["group_r"], r["plan"], f"{r['score']:.6g}",
+                    f"{r['drop']:.6g}", f"{r['act']:.6g}", r["params_active"]])
+    atomic_write_text(out / "sweep.csv", buf.getvalue())
     paths["csv"] = out / "sweep.csv"
     label = {"ppl": "perplexity", "mc": "accuracy", "lm-eval": "score"}.get(result["metric"], "score")
     paths["png"] = report.sweep_heatmap(result["rows"], out / "sweep.png", label=label,

@@ -20,15 +20,15 @@ never overwritten unless asked.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError, ModelError, UserError
-from .spec import ARCH_PREFIX, ENGINE_KEY, EXPORT_NAME, NOT_SERVED, VLLM_ARCHS
+from hookmoe.errors import ArtifactError, ModelError, UserError
+from hookmoe.files import check_output, replace_dir, write_json
+from hookmoe.serving.spec import ARCH_PREFIX, ENGINE_KEY, EXPORT_NAME, NOT_SERVED, VLLM_ARCHS
 
 TARGETS = ("vllm", "transformers")
 
@@ -46,7 +46,7 @@ class ExportResult:
 
 def uniform_k(mm, plan: Any) -> int | None:
     """K when ``plan`` runs the same static k in every MoE layer of ``mm`` (``native`` = the native k), else None."""
-    from ..routing import Native, Plan, TopK
+    from hookmoe.routing.plan import Native, Plan, TopK
 
     rules = Plan.parse(plan).resolve(mm)
     ks = set()
@@ -61,20 +61,19 @@ def uniform_k(mm, plan: Any) -> int | None:
 
 
 def export_for_engine(mm, out: str | Path, *, plan: Any = None, hook: str | Path | None = None,
-                      target: str = "vllm", overwrite: bool = False) -> ExportResult:
+                      target: str = "vllm", overwrite: bool | None = None) -> ExportResult:
     """Write ``mm`` (a :class:`hookmoe.models.MoEModel`) with ``plan`` and ``hook`` for ``target``; see module doc.
 
     ``plan`` defaults to the Hook's training plan, else ``native``; ``hook`` is an artifact directory
     (default: the Hooks attached to ``mm``, if any).
     """
-    from ..hook import attach_hooks, export_model, get_hooks, remove_hooks
-    from ..routing import Plan
+    from hookmoe.hook.inject import attach_hooks, get_hooks, remove_hooks
+    from hookmoe.hook.export import export_model
+    from hookmoe.routing.plan import Plan
 
     if target not in TARGETS:
         raise UserError(f"unknown --target '{target}' (use one of: {', '.join(TARGETS)})")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ArtifactError(f"export directory {out} exists and is not empty (pass --overwrite to replace it)")
+    out = check_output(out, kind="dir", flag="--out", overwrite=overwrite, error=ArtifactError)
     if hook is not None:
         remove_hooks(mm)
         hs = attach_hooks(mm, hook)
@@ -123,9 +122,7 @@ def export_for_engine(mm, out: str | Path, *, plan: Any = None, hook: str | Path
         man[ENGINE_KEY] = {"format": fmt, "target": target, "top_k": k, "architectures": archs,
                            "native_architectures": [VLLM_ARCHS[mm.arch][1]] if mm.arch in VLLM_ARCHS else None}
         _write_json(man_file, man)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
+        replace_dir(staged, out)  # an existing export is moved aside and deleted only once this one is in place
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(path=out, format=fmt, target=target, plan=plan_obj.describe(), top_k=k,
@@ -133,9 +130,7 @@ def export_for_engine(mm, out: str | Path, *, plan: Any = None, hook: str | Path
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 __all__ = ["export_for_engine", "ExportResult", "uniform_k", "TARGETS"]

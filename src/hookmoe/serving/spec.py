@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError, PlanError
+from hookmoe.errors import ArtifactError, PlanError
 
 EXPORT_NAME = "hookmoe_export.json"  # same file name as hookmoe.hook's export manifest
 ENGINE_KEY = "engine"  # key added to hookmoe_export.json by hookmoe.serving.export
@@ -64,7 +64,7 @@ class ServingSpec:
 
     def top_k(self, layer: int) -> int:
         """The k an engine builds this layer with: the static k, or the candidate cap of a dynamic rule."""
-        from ..routing import Dynamic, TopK
+        from hookmoe.routing.plan import Dynamic, TopK
 
         r = self.rules.get(layer)
         if isinstance(r, TopK):
@@ -74,7 +74,7 @@ class ServingSpec:
         return self.native_k
 
     def dynamic(self, layer: int):
-        from ..routing import Dynamic
+        from hookmoe.routing.plan import Dynamic
 
         r = self.rules.get(layer)
         return r if isinstance(r, Dynamic) else None
@@ -109,7 +109,7 @@ def meta_moe_model(config):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..models import MoEModel
+    from hookmoe.models.moe_model import MoEModel
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -122,7 +122,7 @@ def read_spec(directory: str | Path, config=None) -> ServingSpec:
     ``config``: the model's transformers config as the engine loaded it (default: read from
     ``directory``). Raises ArtifactError / PlanError with one sentence.
     """
-    from ..routing import Dynamic, Plan
+    from hookmoe.routing.plan import Dynamic, Plan
 
     d = Path(directory)
     m = read_export_manifest(d)
@@ -157,7 +157,7 @@ def read_spec(directory: str | Path, config=None) -> ServingSpec:
 
 def _check_hook(hook_dir: Path, mm, base: dict) -> dict:
     """The Hook manifest, checked like :func:`hookmoe.hook.attach_hooks` does, and its weights verified."""
-    from ..hook import read_manifest, read_weights
+    from hookmoe.hook.artifact import read_manifest, read_weights
 
     try:
         hm = read_manifest(hook_dir)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spec import ARCH_PREFIX, VLLM_ARCHS, ServingSpec
-from .vllm_plugin import check_export
+from hookmoe.serving.spec import ARCH_PREFIX, VLLM_ARCHS, ServingSpec
+from hookmoe.serving.vllm_plugin import check_export
 
 SUBMODULE = "hookmoe_hook"  # same attribute name as hookmoe.hook
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -72,7 +72,7 @@ def routing_function(spec: ServingSpec, layer: int):
     renormalises); the rule keeps a prefix of them per token (always >= 1); kept weights follow the rule's
     ``renorm``; dropped slots keep their expert id with weight 0.
     """
-    from ..routing import make_selector
+    from hookmoe.routing.rules import make_selector
 
     rule = spec.dynamic(layer)
     cap = rule.max_k or spec.native_k
@@ -106,7 +106,7 @@ def per_layer_factory(module, spec: ServingSpec):
             kwargs["top_k"] = spec.top_k(i)
             if spec.dynamic(i) is not None:
                 if kwargs.get("use_grouped_topk"):
-                    from ..errors import PlanError
+                    from hookmoe.errors import PlanError
 
                     raise PlanError(f"vLLM routes {spec.arch} with grouped top-k, which takes no custom routing "
                                     "function: export a static plan (topk, tlnle, layers) for vLLM")
@@ -128,7 +128,7 @@ def _make_class(arch: str) -> type:
     def __init__(self, *, vllm_config, prefix: str = ""):
         spec = check_export(vllm_config.model_config)
         if spec.arch != arch:
-            from ..errors import ArtifactError
+            from hookmoe.errors import ArtifactError
 
             raise ArtifactError(f"export {spec.directory} is a {spec.arch} model but names {ARCH_PREFIX + clsname}")
         with per_layer_factory(module, spec):
@@ -150,7 +150,7 @@ def _make_class(arch: str) -> type:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = set(base.load_weights(self, weights) or ())
         if self.hookmoe_hooks:
-            from ..hook import read_weights
+            from hookmoe.hook.artifact import read_weights
 
             m = self.hookmoe_spec.hook_manifest
             state = read_weights(m["_dir"], m)

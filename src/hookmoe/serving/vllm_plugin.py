@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 
-from .spec import ARCH_PREFIX, VLLM_ARCHS
+from hookmoe.serving.spec import ARCH_PREFIX, VLLM_ARCHS
 
 logger = logging.getLogger("vllm.hookmoe")  # a child of vLLM's own logger: same handler and format
 
@@ -69,7 +69,7 @@ def model_directory(model_config) -> str:
         return snapshot_download(path, revision=getattr(model_config, "revision", None),
                                  allow_patterns=["config.json", "hookmoe_export.json", "plan.json", "hook/*"])
     except Exception as e:  # hub errors come in many types
-        from ..errors import ArtifactError
+        from hookmoe.errors import ArtifactError
 
         raise ArtifactError(f"cannot read hookmoe's files of '{path}' ({type(e).__name__})") from None
 
@@ -84,8 +84,8 @@ def _is_cli() -> bool:
 def check_export(model_config):
     """:func:`hookmoe.serving.read_spec` of the served model; on a bad export, ``vllm serve`` prints one
     ``error:`` line and exits 2, library callers get the :class:`~hookmoe.errors.UserError`."""
-    from ..errors import UserError
-    from .spec import read_spec
+    from hookmoe.errors import UserError
+    from hookmoe.serving.spec import read_spec
 
     try:
         # the config as written in the export (vLLM may adjust its own copy of the HF config)

@@ -393,97 +393,13 @@ def _paired(a: list[float], b: list[float]) -> dict:
 
 
 def _assemble(mm, variants, cfg, lengths, samples, info, checks, runtime_desc) -> dict:
+    """The result JSON: one row per variant (medians, paired ratios against its base, limits, efficiency), the
+    Hook overhead and dynamic-vs-static sections, the command, machine, model and settings."""
     metrics = [f"ttft@{t}" for t in lengths] + (["itl"] if cfg.new_tokens else [])
     base_by_rt: dict[str, Variant] = {}
     for v in variants:
         base_by_rt.setdefault(v.runtime, v)
-    rows = []
-    for v in variants:
-        base = base_by_rt[v.runtime]
-        vi, bi = info[v.label], info[base.label]
-        entry: dict[str, Any] = {"label": v.label, "plan": vi["plan"], "hook": v.hook, "runtime": v.runtime,
-                                 "base": base.label, "act": vi["act"], "act_per_layer": vi["act_per_layer"],
-                                 "act_decode": vi["act_decode"], "act_decode_per_layer": vi["act_decode_per_layer"],
-                                 "rules": {str(k): r for k, r in vi["rules"].items()},
-                                 "params_active": vi["cost"]["active_params"], "hook_params": vi["hook_params"],
-                                 "metrics": {}}
-        for m in metrics:
-            xs = samples[v.label][m]
-            raw = _stats(xs)
-            st: dict[str, Any] = {"median_ms": raw["median"] * 1e3, "min_ms": raw["min"] * 1e3,
-                                  "max_ms": raw["max"] * 1e3, "q25_ms": raw["q25"] * 1e3, "q75_ms": raw["q75"] * 1e3,
-                                  "n": raw["n"], "samples_ms": [x * 1e3 for x in xs]}
-            if cfg.clock != "wall":
-                wall = samples[v.label][f"wall:{m}"]
-                w = _stats(wall)
-                st["wall_clock"] = {"median_ms": w["median"] * 1e3, "min_ms": w["min"] * 1e3,
-                                    "max_ms": w["max"] * 1e3}
-                if v is not base:
-                    st["wall_clock"]["ratio"] = _paired(samples[base.label][f"wall:{m}"], wall)["median"]
-            if m == "itl":
-                st["e2e_median_ms"] = statistics.median(samples[v.label]["e2e"]) * 1e3
-                limit = bi["cost_decode"]["decode_weight_bytes"] / vi["cost_decode"]["decode_weight_bytes"]
-                st["weight_bytes_per_step"] = vi["cost_decode"]["decode_weight_bytes"]
-                st["kv_bytes_per_step"] = kv_bytes_per_step(mm, cfg.itl_prompt + cfg.new_tokens // 2,
-                                                            cfg.batch_size)
-            else:
-                t = int(m.split("@")[1])
-                fv = prefill_flops(mm, vi["cost"], t, cfg.batch_size)
-                limit = prefill_flops(mm, bi["cost"], t, cfg.batch_size) / fv
-                st["flops"] = fv
-            if v is not base:
-                ps = _paired(samples[base.label][m], xs)
-                st["ratio"], st["ratio_min"], st["ratio_max"] = ps["median"], ps["min"], ps["max"]
-                st["ratio_of_medians"] = statistics.median(samples[base.label][m]) / statistics.median(xs)
-                st["limit"] = limit
-                st["efficiency"] = (ps["median"] - 1) / (limit - 1) if abs(limit - 1) > 0.02 else None
-            entry["metrics"][m] = st
-        rows.append(entry)
-    by_key = {(v.plan, v.hook, v.runtime): v for v in variants}
-    # hook overhead: "P + hook" against "P" under the same runtime
-    overhead = []
-    for v in variants:
-        plain = by_key.get((v.plan, None, v.runtime)) if v.hook else None
-        if plain is None:
-            continue
-        o: dict[str, Any] = {"variant": v.label, "without_hook": plain.label,
-                             "hook_params": info[v.label]["hook_params"]}
-        for m in metrics:
-            ps = _paired(samples[v.label][m], samples[plain.label][m])
-            hv, pv = info[v.label], info[plain.label]
-            if m == "itl":
-                expected = hv["cost_decode"]["decode_weight_bytes"] / pv["cost_decode"]["decode_weight_bytes"] - 1
-            else:
-                t = int(m.split("@")[1])
-                expected = prefill_flops(mm, hv["cost"], t, cfg.batch_size) / prefill_flops(mm, pv["cost"], t,
-                                                                                            cfg.batch_size) - 1
-            o[m] = {"overhead": ps["median"] - 1, "min": ps["min"] - 1, "max": ps["max"] - 1,
-                    "expected": expected}
-        overhead.append(o)
-    # dynamic rules against static plans of (about) the same Act, same runtime and hook
-    from hookmoe.routing.plan import Dynamic, Plan
-
-    def is_dynamic(v):
-        plan = v.resolved_plan if v.resolved_plan is not None else Plan.parse(v.plan)
-        return any(isinstance(r, Dynamic) for r in plan.resolve(mm).values())
-
-    dyn_vs_static = []
-    for v in variants:
-        if not is_dynamic(v):
-            continue
-        for w in variants:
-            if w is v or w.runtime != v.runtime or w.hook != v.hook or is_dynamic(w):
-                continue
-            a_v, a_w = info[v.label]["act"], info[w.label]["act"]
-            if abs(a_v - a_w) > 0.05 * a_w:
-                continue
-            d: dict[str, Any] = {"dynamic": v.label, "static": w.label, "act_dynamic": a_v, "act_static": a_w,
-                                 "act_decode_dynamic": info[v.label]["act_decode"],
-                                 "act_decode_static": info[w.label]["act_decode"]}
-            for m in metrics:
-                ps = _paired(samples[v.label][m], samples[w.label][m])
-                d[m] = {"slowdown": ps["median"] - 1, "min": ps["min"] - 1, "max": ps["max"] - 1}
-            dyn_vs_static.append(d)
+    rows = [_variant_row(mm, cfg, v, base_by_rt[v.runtime], metrics, samples, info) for v in variants]
     argv = sys.argv[1:] if Path(sys.argv[0]).name.startswith("hookmoe") else sys.argv
     return {
         "format": BENCH_FORMAT,
@@ -501,10 +417,103 @@ def _assemble(mm, variants, cfg, lengths, samples, info, checks, runtime_desc) -
                      "order": "interleaved, ABBA across repeats",
                      "runtime": runtime_desc},
         "variants": rows,
-        "hook_overhead": overhead,
-        "dynamic_vs_static": dyn_vs_static,
+        "hook_overhead": _hook_overhead(mm, cfg, variants, metrics, samples, info),
+        "dynamic_vs_static": _dynamic_vs_static(mm, variants, metrics, samples, info),
         "checks": checks,
     }
+
+
+def _variant_row(mm, cfg, v: Variant, base: Variant, metrics: list[str], samples, info) -> dict:
+    """One variant: Act, parameters, and per metric its timings, paired ratio to ``base``, limit, efficiency."""
+    vi, bi = info[v.label], info[base.label]
+    entry: dict[str, Any] = {"label": v.label, "plan": vi["plan"], "hook": v.hook, "runtime": v.runtime,
+                             "base": base.label, "act": vi["act"], "act_per_layer": vi["act_per_layer"],
+                             "act_decode": vi["act_decode"], "act_decode_per_layer": vi["act_decode_per_layer"],
+                             "rules": {str(k): r for k, r in vi["rules"].items()},
+                             "params_active": vi["cost"]["active_params"], "hook_params": vi["hook_params"],
+                             "metrics": {}}
+    for m in metrics:
+        xs = samples[v.label][m]
+        raw = _stats(xs)
+        st: dict[str, Any] = {"median_ms": raw["median"] * 1e3, "min_ms": raw["min"] * 1e3,
+                              "max_ms": raw["max"] * 1e3, "q25_ms": raw["q25"] * 1e3, "q75_ms": raw["q75"] * 1e3,
+                              "n": raw["n"], "samples_ms": [x * 1e3 for x in xs]}
+        if cfg.clock != "wall":
+            wall = samples[v.label][f"wall:{m}"]
+            w = _stats(wall)
+            st["wall_clock"] = {"median_ms": w["median"] * 1e3, "min_ms": w["min"] * 1e3, "max_ms": w["max"] * 1e3}
+            if v is not base:
+                st["wall_clock"]["ratio"] = _paired(samples[base.label][f"wall:{m}"], wall)["median"]
+        if m == "itl":
+            st["e2e_median_ms"] = statistics.median(samples[v.label]["e2e"]) * 1e3
+            limit = bi["cost_decode"]["decode_weight_bytes"] / vi["cost_decode"]["decode_weight_bytes"]
+            st["weight_bytes_per_step"] = vi["cost_decode"]["decode_weight_bytes"]
+            st["kv_bytes_per_step"] = kv_bytes_per_step(mm, cfg.itl_prompt + cfg.new_tokens // 2, cfg.batch_size)
+        else:
+            t = int(m.split("@")[1])
+            fv = prefill_flops(mm, vi["cost"], t, cfg.batch_size)
+            limit = prefill_flops(mm, bi["cost"], t, cfg.batch_size) / fv
+            st["flops"] = fv
+        if v is not base:
+            ps = _paired(samples[base.label][m], xs)
+            st["ratio"], st["ratio_min"], st["ratio_max"] = ps["median"], ps["min"], ps["max"]
+            st["ratio_of_medians"] = statistics.median(samples[base.label][m]) / statistics.median(xs)
+            st["limit"] = limit
+            st["efficiency"] = (ps["median"] - 1) / (limit - 1) if abs(limit - 1) > 0.02 else None
+        entry["metrics"][m] = st
+    return entry
+
+
+def _hook_overhead(mm, cfg, variants, metrics: list[str], samples, info) -> list[dict]:
+    """"P + hook" against "P" under the same runtime: measured overhead and the cost model's expectation."""
+    by_key = {(v.plan, v.hook, v.runtime): v for v in variants}
+    overhead = []
+    for v in variants:
+        plain = by_key.get((v.plan, None, v.runtime)) if v.hook else None
+        if plain is None:
+            continue
+        o: dict[str, Any] = {"variant": v.label, "without_hook": plain.label,
+                             "hook_params": info[v.label]["hook_params"]}
+        for m in metrics:
+            ps = _paired(samples[v.label][m], samples[plain.label][m])
+            hv, pv = info[v.label], info[plain.label]
+            if m == "itl":
+                expected = hv["cost_decode"]["decode_weight_bytes"] / pv["cost_decode"]["decode_weight_bytes"] - 1
+            else:
+                t = int(m.split("@")[1])
+                expected = prefill_flops(mm, hv["cost"], t, cfg.batch_size) / prefill_flops(mm, pv["cost"], t,
+                                                                                            cfg.batch_size) - 1
+            o[m] = {"overhead": ps["median"] - 1, "min": ps["min"] - 1, "max": ps["max"] - 1, "expected": expected}
+        overhead.append(o)
+    return overhead
+
+
+def _dynamic_vs_static(mm, variants, metrics: list[str], samples, info) -> list[dict]:
+    """Dynamic rules against static plans of (about) the same Act, under the same runtime and Hook."""
+    from hookmoe.routing.plan import Dynamic, Plan
+
+    def is_dynamic(v):
+        plan = v.resolved_plan if v.resolved_plan is not None else Plan.parse(v.plan)
+        return any(isinstance(r, Dynamic) for r in plan.resolve(mm).values())
+
+    out = []
+    for v in variants:
+        if not is_dynamic(v):
+            continue
+        for w in variants:
+            if w is v or w.runtime != v.runtime or w.hook != v.hook or is_dynamic(w):
+                continue
+            a_v, a_w = info[v.label]["act"], info[w.label]["act"]
+            if abs(a_v - a_w) > 0.05 * a_w:
+                continue
+            d: dict[str, Any] = {"dynamic": v.label, "static": w.label, "act_dynamic": a_v, "act_static": a_w,
+                                 "act_decode_dynamic": info[v.label]["act_decode"],
+                                 "act_decode_static": info[w.label]["act_decode"]}
+            for m in metrics:
+                ps = _paired(samples[v.label][m], samples[w.label][m])
+                d[m] = {"slowdown": ps["median"] - 1, "min": ps["min"] - 1, "max": ps["max"] - 1}
+            out.append(d)
+    return out
 
 
 def _busy_note(mm, clock: str) -> str | None:

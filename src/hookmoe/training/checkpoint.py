@@ -3,6 +3,7 @@ atomically; the training log."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,8 @@ import torch
 from hookmoe.errors import ArtifactError
 from hookmoe.hook.inject import HookSet
 from hookmoe.hook.artifact import _json_default
-from hookmoe.training.config import CHECKPOINT_DIR, CKPT_FORMAT, TRAINER_STATE
+from hookmoe.files import check_keys, read_json_file
+from hookmoe.training.config import CHECKPOINT_DIR, CKPT_FORMAT, TRAINER_STATE, TrainConfig
 
 
 def _blocks_digest(blocks: torch.Tensor) -> str:
@@ -116,16 +118,32 @@ def _find_checkpoint(out_dir: Path) -> Path | None:
 def _read_checkpoint(d: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
+    state = read_json_file(d / TRAINER_STATE, what="checkpoint state", error=ArtifactError)
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        fmt = state.get("format") if isinstance(state, dict) else None
+        raise ArtifactError(f"checkpoint {d} has format {fmt!r}, expected {CKPT_FORMAT!r}")
+    where = str(d / TRAINER_STATE)
+    check_keys(state, CHECKPOINT_SCHEMA, where=where, required=_CKPT_REQUIRED, error=ArtifactError)
+    check_keys(state["config"], {f.name: None for f in dataclasses.fields(TrainConfig)}, where=f"{where}: 'config'",
+               error=ArtifactError)
     try:
-        state = json.loads((d / TRAINER_STATE).read_text())
         hook_w = load_file(str(d / "hook.safetensors"))
         opt_t = load_file(str(d / "optimizer.safetensors"))
     except Exception as e:  # JSON or safetensors errors of any kind
         raise ArtifactError(f"checkpoint {d} is corrupt or incomplete ({type(e).__name__}); "
                             "remove it to start over") from None
-    if state.get("format") != CKPT_FORMAT:
-        raise ArtifactError(f"checkpoint {d} has format {state.get('format')!r}, expected {CKPT_FORMAT!r}")
     return state, hook_w, opt_t
+
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+
+#: trainer_state.json: every key and its JSON type (unknown keys and wrong types are refused with the key's name).
+CHECKPOINT_SCHEMA = {"format": str, "step": int, "micro": int, "tokens": int, "train_time": _NUM, "elapsed": _NUM,
+                     "best_val": _OPT_NUM, "best_step": int, "bad_evals": int, "baseline": (dict, type(None)),
+                     "history": list, "config": dict, "total_steps": int, "data_digest": (str, type(None)),
+                     "stopped_early": bool, "param_groups": list}
+_CKPT_REQUIRED = ("format", "step", "micro", "tokens", "train_time", "elapsed", "config", "param_groups")
 
 
 def _rewrite_log(path: Path, history: list[dict]) -> None:

@@ -42,10 +42,11 @@ TRAINER_STATE = "trainer_state.json"
 CKPT_FORMAT = "hookmoe-checkpoint/1"
 
 
-# Settings a resumed run must share with the checkpoint (others — steps, lr, eval/checkpoint cadence,
-# patience — may change on resume).
-_IDENTITY_KEYS = ("layers", "plan", "objective", "kind", "part_layers", "init", "inner_size", "rank", "batch_size", "grad_accum", "seed",
-                  "kd_temperature", "kd_topk", "hidden_layer", "weight_decay")
+# Settings a resumed run must share with the checkpoint: every one that changes the result (steps and lr shape the
+# schedule, eval cadence and patience decide the best weights kept, ...), so that a resumed run ends exactly where
+# the uninterrupted one would, and its manifest describes the whole run. Only how often checkpoints are written,
+# gradient checkpointing (same maths, less memory) and the KD cache's memory cap may differ.
+_RESUME_FREE = ("checkpoint_every", "grad_checkpointing", "kd_cache_max_gb")
 
 
 
@@ -107,26 +108,26 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             raise TrainingError(f"unknown amp mode '{self.amp}' (use one of: {', '.join(AMP_MODES)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise TrainingError(f"lr must be a positive number, got {self.lr}")
+            raise TrainingError(f"--lr must be a positive number, got {self.lr}")
         if self.steps is not None and self.steps < 1:
-            raise TrainingError(f"steps must be >= 1, got {self.steps}")
+            raise TrainingError(f"--steps must be >= 1, got {self.steps}")
         if self.epochs is not None and not self.epochs > 0:
-            raise TrainingError(f"epochs must be > 0, got {self.epochs}")
+            raise TrainingError(f"--epochs must be > 0, got {self.epochs}")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "checkpoint_every", "kd_topk"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise TrainingError(f"{name} must be >= 1, got {v}")
+                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.patience is not None and self.patience < 1:
-            raise TrainingError(f"patience must be >= 1 (or None to never stop early), got {self.patience}")
+            raise TrainingError(f"--patience must be >= 0 (0 = never stop early), got {self.patience}")
         if not self.kd_temperature > 0:
-            raise TrainingError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+            raise TrainingError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
         if self.warmup < 0:
-            raise TrainingError(f"warmup must be >= 0, got {self.warmup}")
+            raise TrainingError(f"--warmup must be >= 0, got {self.warmup}")
         if self.hidden_layer is not None and self.hidden_layer < max(self.layers):
-            raise TrainingError(f"hidden_layer {self.hidden_layer} is below the hooked layer {max(self.layers)}: "
+            raise TrainingError(f"--hidden-layer {self.hidden_layer} is below the hooked layer {max(self.layers)}: "
                                 "its hidden state does not depend on the Hook")
 
 
@@ -137,3 +138,6 @@ class TrainResult:
     metrics: dict
     out_dir: Path | None = None
     config: TrainConfig | None = None
+
+
+_IDENTITY_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _RESUME_FREE)

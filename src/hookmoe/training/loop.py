@@ -336,7 +336,7 @@ class HookTraining:
         """The checkpoint to resume from, read before touching the model; refused if the run differs."""
         out = self.out
         if out is None:
-            raise TrainingError("resume needs the output directory of the interrupted run")
+            raise TrainingError("--resume needs the --out folder of the interrupted run")
         d = _find_checkpoint(out)
         if d is None:
             raise ArtifactError(f"nothing to resume: {out} holds no checkpoint")
@@ -345,8 +345,9 @@ class HookTraining:
         diff = [k for k in _IDENTITY_KEYS if old_cfg.get(k) != new_cfg.get(k)]
         if diff:
             k = diff[0]
-            raise ArtifactError(f"cannot resume: the checkpoint in {out} was made with {k}={old_cfg.get(k)!r}, "
-                                f"this run has {k}={new_cfg.get(k)!r}"
+            flag = {"layers": "--layer"}.get(k, "--" + k.replace("_", "-"))
+            raise ArtifactError(f"cannot resume: the checkpoint in {out} was made with {flag} {old_cfg.get(k)!r}, "
+                                f"this run has {flag} {new_cfg.get(k)!r}; resume with the same settings"
                                 + (" (the global batch: batch size per rank x ranks)" if k == "batch_size" else ""))
         if ckpt[0].get("data_digest") != self.data_digest:
             raise ArtifactError(f"cannot resume: the checkpoint in {out} was trained on different calibration data")
@@ -354,8 +355,8 @@ class HookTraining:
 
     def _check_fresh_output(self, resume: bool) -> None:
         if self.out is not None and _find_checkpoint(self.out) is not None:
-            raise TrainingError(f"{self.out} already holds a training checkpoint; pass resume to continue it or "
-                                "choose another output directory")
+            raise TrainingError(f"{self.out} already holds a training checkpoint; pass --resume to continue it or "
+                                "choose another --out")
         return None
 
     def _setup_model(self) -> None:

@@ -1,0 +1,391 @@
+"""``hookmoe frontier``: quality vs Act for every allocator x compensator, and the dynamic rules, at equal budgets.
+
+For each target Act: each allocator (:mod:`hookmoe.allocate`) makes a static per-layer plan; each
+compensator (``none``, ``hook``, ... — :data:`COMPENSATORS`, a name -> callable registry so others can be
+plugged in later) is trained for that plan with the same step budget and parameter budget; the dynamic
+rules (``topp``, ``ratio``, ``naee``, ``entropy``) are calibrated to the same Act
+(:func:`hookmoe.routing.calibrate_plan`). Every row gets held-out perplexity, MC accuracy where items are
+given, the measured Act and its wall time. Native k and uniform top-k are the reference rows.
+Outputs: ``frontier.json``, ``frontier.md`` and ``frontier.png`` (quality vs Act with the Pareto frontier).
+
+A compensator is ``fn(mm, plan, train_blocks, *, steps, param_budget, lr, batch_size, seed, val_blocks,
+progress) -> dict``: it attaches its modules to ``mm`` (trained for ``plan``) and returns a dict with at least
+``params`` (added parameters) and ``remove`` (a callable that detaches them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from hookmoe.errors import AllocationError
+from hookmoe.search.allocators import ALLOCATORS, get_allocator, measure_sensitivity
+from hookmoe.errors import UserError
+from hookmoe.eval.run import evaluate
+from hookmoe.routing.plan import Plan
+from hookmoe.errors import FrontierError
+
+DYNAMIC_RULES = ("topp", "ratio", "naee", "entropy")
+DEFAULT_DYNAMIC = ("topp", "entropy")
+#: Hook learning rate for the short CPU budgets here (as search.QUICK_HOOK_LR)
+FRONTIER_HOOK_LR = 1e-3
+
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Compensators
+# --------------------------------------------------------------------------------------------------
+
+
+def hook_compensator(mm, plan: Any, train_blocks: torch.Tensor, *, steps: int, param_budget: int | None = None,
+                     lr: float = FRONTIER_HOOK_LR, batch_size: int = 4, seed: int = 0,
+                     val_blocks: torch.Tensor | None = None, progress: bool = False, layers: Any = "all") -> dict:
+    """Hooks in every MoE layer (the demo's default), trained with KD for ``plan`` for ``steps`` steps.
+
+    Width: ``param_budget`` split evenly over the layers (``2 * hidden * inner`` weights per Hook), else half
+    an expert's width (as ``hookmoe demo``).
+    """
+    from hookmoe.hook.inject import get_hooks, remove_hooks
+    from hookmoe.hook.inject import parse_layers
+    from hookmoe.training.loop import train_hook
+
+    ls = parse_layers(layers, mm)
+    h = int(mm.config.hidden_size)
+    if param_budget is not None:
+        inner = max(1, int(param_budget) // (len(ls) * 2 * h))
+    else:
+        inner = max(1, mm.expert_intermediate_size // 2)
+    t0 = time.perf_counter()
+    res = train_hook(mm, layers=ls, plan=plan, train_blocks=train_blocks, val_blocks=val_blocks, steps=int(steps),
+                     lr=float(lr), batch_size=min(int(batch_size), int(train_blocks.shape[0])), inner_size=inner,
+                     progress=progress, seed=seed, eval_every=max(1, int(steps) // 4) if val_blocks is not None
+                     else None)
+    hs = get_hooks(mm)
+    if hs is None:  # pragma: no cover - train_hook leaves its Hooks attached
+        raise FrontierError("hook training left no Hook attached")
+    return {"params": hs.num_params(), "layers": hs.layers, "inner_size": inner, "steps": int(steps),
+            "train_time_s": time.perf_counter() - t0, "remove": lambda: remove_hooks(mm),
+            "final_loss": (res.metrics or {}).get("final_loss") if hasattr(res, "metrics") else None}
+
+
+#: name -> compensator callable (None: no compensation)
+COMPENSATORS: dict[str, Optional[Callable[..., dict]]] = {"none": None, "hook": hook_compensator}
+
+
+def _parse_names(value: Any, known: Sequence[str], what: str) -> list[str]:
+    if value is None:
+        return []
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise FrontierError(f"unknown {what} {', '.join(bad)} (choose from: {', '.join(known)})")
+    return names
+
+
+def parse_acts(text: Any, mm=None) -> list[float]:
+    """``"3.0,3.5"`` -> [3.0, 3.5] (checked against the model's native k when given)."""
+    vals = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    out = []
+    for v in vals:
+        if str(v).strip() == "":
+            continue
+        try:
+            a = float(v)
+        except ValueError:
+            raise FrontierError(f"--acts must be numbers like 3.0,3.5, got '{text}'") from None
+        if not math.isfinite(a):
+            raise FrontierError(f"--acts must be finite numbers, got '{text}'")
+        out.append(a)
+    if not out:
+        raise FrontierError("--acts needs at least one target Act, e.g. --acts 3.0,3.5")
+    if mm is not None:
+        for a in out:
+            if not 1.0 <= a <= mm.native_top_k:
+                raise FrontierError(f"--acts {a:g} is out of range: between 1 and the native k ({mm.native_top_k})")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The frontier
+# --------------------------------------------------------------------------------------------------
+
+
+def pareto(points: Sequence[dict], higher_is_better: bool = False) -> list[dict]:
+    """Points not dominated by another (lower or equal Act and better or equal score, one strictly)."""
+    pts = [p for p in points if p.get("score") is not None and p.get("act") is not None]
+    out = []
+    for p in pts:
+        dominated = False
+        for q in pts:
+            if q is p:
+                continue
+            better = q["score"] >= p["score"] if higher_is_better else q["score"] <= p["score"]
+            strictly = (q["act"] < p["act"] - 1e-9) or (q["score"] != p["score"])
+            if q["act"] <= p["act"] + 1e-9 and better and strictly:
+                dominated = True
+                break
+        if not dominated:
+            out.append(p)
+    return sorted(out, key=lambda p: p["act"])
+
+
+def frontier(mm, *, calib_blocks: torch.Tensor, eval_blocks: torch.Tensor, acts: Sequence[float],
+             allocators: Sequence[str] | None = None, compensators: Sequence[str] = ("none", "hook"),
+             dynamic: Sequence[str] = DEFAULT_DYNAMIC, train_blocks: torch.Tensor | None = None,
+             val_blocks: torch.Tensor | None = None, steps: int = 30, param_budget: int | None = None,
+             lr: float = FRONTIER_HOOK_LR, hook_batch_size: int = 4, mc_items: Sequence | None = None,
+             sensitivity: dict | None = None, batch_size: int = 8, seed: int = 0, uniform: bool = True,
+             compensate: Sequence[str] | None = None, console=None, progress: bool = False) -> dict:
+    """Score every allocator x compensator and every dynamic rule at each Act in ``acts``.
+
+    ``calib_blocks`` feed the sensitivity measurement (once, shared by every allocator and Act) and the
+    calibration of the dynamic rules; ``train_blocks`` (default: ``calib_blocks``) train the compensators,
+    each for ``steps`` steps with at most ``param_budget`` added parameters; ``eval_blocks`` are held out.
+    ``compensate`` limits the compensators other than ``none`` to these allocators (default: all).
+    """
+    t_all = time.perf_counter()
+    allocators = list(allocators) if allocators is not None else list(ALLOCATORS)
+    for a in allocators:
+        get_allocator(a)
+    comps = _parse_names(list(compensators), list(COMPENSATORS), "compensator(s)")
+    dyn = _parse_names(list(dynamic), list(DYNAMIC_RULES), "dynamic rule(s)")
+    acts = parse_acts(list(acts), mm)
+    if steps < 1:
+        raise FrontierError(f"--steps must be >= 1, got {steps}")
+    tb = train_blocks if train_blocks is not None else calib_blocks
+
+    def say(msg: str) -> None:
+        if console is not None:
+            console.print(msg, highlight=False)
+
+    rows: list[dict] = []
+
+    memo: dict[str, dict] = {}
+
+    def score(plan: Any) -> dict:
+        """Held-out scores of ``plan``; plans with the same per-layer rules (and no compensator) are scored
+        once (uniform top-3 = TLNLE at Act 3, top-4 = native, ...)."""
+        from hookmoe.eval.scope import hook_signature
+
+        key = ";".join(f"{i}={r.describe()}" for i, r in sorted(Plan.parse(plan).resolve(mm).items())) \
+            + "|" + hook_signature(mm)
+        if key not in memo:
+            memo[key] = _score(plan)
+        return dict(memo[key])
+
+    def _score(plan: Any) -> dict:
+        r = evaluate(mm, plan, metric="ppl", blocks=eval_blocks, batch_size=batch_size)
+        out = {"ppl": r["score"], "act": r["act"], "params_active": r["params"]["active"],
+               "act_per_layer": r["act_per_layer"]}
+        if mc_items is not None:
+            m = evaluate(mm, plan, metric="mc", items=mc_items, batch_size=batch_size)
+            out["mc_acc"] = m["score"]
+        return out
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if row.get("ppl") is None:
+            say(f"  {row['method']:<22} skipped: {row.get('note')}")
+        else:
+            say(f"  {row['method']:<22} ppl {row['ppl']:.4f}  Act {row['act']:.3f}  ({row['wall_s']:.1f} s)  "
+                f"{row.get('plan', '')}")
+
+    t = time.perf_counter()
+    native = score("native")
+    add({"target_act": None, "method": "native", "kind": "reference", "allocator": None, "compensator": "none",
+         "plan": "native", **native, "wall_s": time.perf_counter() - t})
+    sens_time = 0.0
+    need_sens = any(get_allocator(a).needs_sensitivity for a in allocators)
+    if need_sens and sensitivity is None:
+        say("measuring per-layer sensitivity on the calibration blocks ...")
+        t = time.perf_counter()
+        sensitivity = measure_sensitivity(mm, calib_blocks, batch_size=batch_size, progress=progress)
+        sens_time = time.perf_counter() - t
+        say(f"  {sensitivity['evals']} evaluations in {sens_time:.1f} s")
+    for act in acts:
+        say(f"Act {act:g}")
+        if uniform:
+            for k in sorted({max(1, math.floor(act + 1e-9)), max(1, math.ceil(act - 1e-9))}):
+                t = time.perf_counter()
+                add({"target_act": act, "method": f"uniform top-{k}", "kind": "reference", "allocator": None,
+                     "compensator": "none", "plan": f"topk:{k}", **score(f"topk:{k}"),
+                     "wall_s": time.perf_counter() - t})
+        for a in allocators:
+            alloc = get_allocator(a)
+            t = time.perf_counter()
+            try:
+                if not alloc.needs_sensitivity:  # data-free or fixed-shape: computes what it needs itself
+                    plan = alloc.allocate(mm, target_act=act)
+                else:
+                    plan = alloc.allocate(mm, target_act=act, sensitivity=sensitivity, calib=calib_blocks)
+            except AllocationError as e:
+                add({"target_act": act, "method": a, "kind": "allocator", "allocator": a, "compensator": None,
+                     "plan": None, "ppl": None, "act": None, "note": str(e), "wall_s": time.perf_counter() - t})
+                continue
+            t_alloc = time.perf_counter() - t
+            info = plan.meta.get("allocation", {})
+            for c in comps:
+                if c != "none" and compensate is not None and a not in compensate:
+                    continue
+                t = time.perf_counter()
+                fn = COMPENSATORS[c]
+                handle = None
+                try:
+                    if fn is not None:
+                        handle = fn(mm, plan, tb, steps=steps, param_budget=param_budget, lr=lr,
+                                    batch_size=hook_batch_size, seed=seed, val_blocks=val_blocks, progress=progress)
+                    res = score(plan)
+                finally:
+                    if handle is not None:
+                        handle["remove"]()
+                row = {"target_act": act, "method": a if c == "none" else f"{a} + {c}", "kind": "allocator",
+                       "allocator": a, "compensator": c, "plan": plan.base, "ks": info.get("ks"),
+                       "exact": info.get("exact"), "predicted_cost": info.get("predicted_cost"), **res,
+                       "alloc_s": t_alloc, "wall_s": time.perf_counter() - t + t_alloc}
+                if info.get("note"):
+                    row["note"] = info["note"]
+                if handle is not None:
+                    row.update({"comp_params": handle.get("params"), "comp_steps": handle.get("steps"),
+                                "comp_train_s": handle.get("train_time_s")})
+                add(row)
+        for d in dyn:
+            from hookmoe.routing.calibrate import calibrate_plan
+
+            t = time.perf_counter()
+            start = {"topp": "topp:0.5", "ratio": "ratio:0.5", "naee": "naee", "entropy": f"entropy:{act:g}"}[d]
+            try:
+                plan = calibrate_plan(mm, start, calib_blocks, target_act=act, batch_size=batch_size)
+            except UserError as e:
+                add({"target_act": act, "method": d, "kind": "dynamic", "allocator": None, "compensator": "none",
+                     "plan": None, "ppl": None, "act": None, "note": str(e), "wall_s": time.perf_counter() - t})
+                continue
+            add({"target_act": act, "method": d, "kind": "dynamic", "allocator": None, "compensator": "none",
+                 "plan": plan.describe(), "plan_json": plan.to_dict(), **score(plan),
+                 "wall_s": time.perf_counter() - t})
+    front = pareto([{"score": r["ppl"], "act": r["act"], "method": r["method"]} for r in rows
+                    if r.get("ppl") is not None])
+    return {"format": "hookmoe-frontier/1", "model": getattr(mm, "source", None), "arch": mm.arch,
+            "native_k": mm.native_top_k, "moe_layers": len(mm.layers), "acts": acts, "allocators": allocators,
+            "compensators": comps, "dynamic": dyn, "steps": steps, "param_budget": param_budget, "lr": lr,
+            "eval_tokens": int(eval_blocks.numel()), "calib_tokens": int(calib_blocks.numel()),
+            "train_blocks": int(tb.shape[0]), "native_ppl": native["ppl"], "rows": rows,
+            "frontier": [p["method"] + f"@{p['act']:.3f}" for p in front], "sensitivity": sensitivity,
+            "sensitivity_time_s": sens_time, "time_s": time.perf_counter() - t_all}
+
+
+def best_rows(result: dict) -> dict[str, dict]:
+    """Per target Act, the lowest-perplexity row (reference rows included)."""
+    out: dict[str, dict] = {}
+    for r in result["rows"]:
+        if r.get("ppl") is None or r.get("target_act") is None:
+            continue
+        key = f"{r['target_act']:g}"
+        if key not in out or r["ppl"] < out[key]["ppl"]:
+            out[key] = r
+    return out
+
+
+def frontier_markdown(result: dict) -> str:
+    from hookmoe import report
+
+    nat = result["native_ppl"]
+    mc = any("mc_acc" in r for r in result["rows"])
+    head = ["target Act", "method", "perplexity", "vs native", "Act", "wall s", "plan"]
+    if mc:
+        head.insert(4, "MC acc")
+    rows = []
+    for r in result["rows"]:
+        if r.get("ppl") is None:
+            ta = "-" if r["target_act"] is None else f"{r['target_act']:g}"
+            rows.append([ta, r["method"], "-", "-", "-", f"{r['wall_s']:.1f}", r.get("note", "")])
+            if mc:
+                rows[-1].insert(4, "-")
+            continue
+        ta = "-" if r["target_act"] is None else f"{r['target_act']:g}"
+        plan = r.get("plan") or ""
+        if len(plan) > 60:
+            plan = plan[:57] + "..."
+        row = [ta, r["method"], f"{r['ppl']:.4f}", report.pct((r["ppl"] - nat) / nat), f"{r['act']:.3f}",
+               f"{r['wall_s']:.1f}", plan]
+        if mc:
+            row.insert(4, f"{100 * r['mc_acc']:.2f}%" if r.get("mc_acc") is not None else "-")
+        rows.append(row)
+    return report.markdown_table(head, rows)
+
+
+def write_frontier(result: dict, out_dir: str | Path, *, title: str = "", stem: str = "frontier") -> dict[str, Path]:
+    """``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (default ``frontier.*``) in ``out_dir``."""
+    import os
+
+    from hookmoe import report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": report.write_json(out / f"{stem}.json", result)}
+    md = [f"# {title or 'Quality vs Act frontier'}", "",
+          f"Model `{result['model']}` ({result['arch']}, {result['moe_layers']} MoE layers, native k "
+          f"{result['native_k']}); held-out perplexity on {result['eval_tokens']} tokens; compensators trained "
+          f"{result['steps']} steps on {result['train_blocks']} blocks"
+          + (f" with at most {result['param_budget']:,} parameters" if result.get("param_budget") else "")
+          + f"; dynamic rules calibrated on {result['calib_tokens']} tokens. Total {result['time_s']:.1f} s "
+          f"(sensitivity {result['sensitivity_time_s']:.1f} s).", "", frontier_markdown(result), "",
+          "Pareto frontier (lowest perplexity for its Act): " + ", ".join(result["frontier"]), "",
+          f"![quality vs Act]({stem}.png)", ""]
+    tmp = out / f".{stem}.md.tmp"
+    tmp.write_text("\n".join(md))
+    os.replace(tmp, out / f"{stem}.md")
+    paths["md"] = out / f"{stem}.md"
+    paths["png"] = frontier_plot(result, out / f"{stem}.png", title=title)
+    return paths
+
+
+def frontier_plot(result: dict, path: str | Path, *, title: str = "") -> Path:
+    """Perplexity vs Act: one colour per allocator / rule, one marker per compensator; the frontier drawn."""
+    from hookmoe.report import _figure, _save
+
+    fig = _figure(7.2, 4.8)
+    ax = fig.add_subplot(1, 1, 1)
+    rows = [r for r in result["rows"] if r.get("ppl") is not None]
+    families = []
+    def family(r: dict) -> str:
+        return r.get("allocator") or ("uniform top-k" if r["method"].startswith("uniform") else r["method"])
+
+    for r in rows:
+        fam = family(r)
+        if fam not in families:
+            families.append(fam)
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10"]
+    markers = {"none": "o", "hook": "^"}
+    seen = set()
+    for r in rows:
+        fam = family(r)
+        comp = r.get("compensator") or "none"
+        label = fam if comp == "none" else f"{fam} + {comp}"
+        ax.scatter([r["act"]], [r["ppl"]], color=colors(families.index(fam) % 10),
+                   marker=markers.get(comp, "s"), s=40, zorder=3, label=None if label in seen else label)
+        seen.add(label)
+    front = pareto([{"score": r["ppl"], "act": r["act"]} for r in rows])
+    if front:
+        ax.step([p["act"] for p in front], [p["score"] for p in front], where="post", color="black", lw=1.0,
+                ls="--", label="Pareto frontier", zorder=2)
+    ax.axhline(result["native_ppl"], color="grey", lw=0.8, ls=":", label="native k")
+    ax.set_xlabel("Act (activated routed experts per token)")
+    ax.set_ylabel("held-out perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title or "quality vs Act", fontsize=9)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
