@@ -9,7 +9,7 @@ out = {"description": "Compensators on the demo model (SmolLM2-135M -> CMoE E6 S
        "(OMP_NUM_THREADS=1), run concurrently on a shared 2-core VM.",
        "build_model": "PYTHONPATH=src python benchmarks/compensators_build_moe.py /tmp/comp/moe",
        "commands": [], "runs": {}}
-for f in sorted(glob.glob("/tmp/comp/r_*.json") + glob.glob("/tmp/comp/x_*.json")):
+for f in sorted(glob.glob("/tmp/comp/r_*.json") + glob.glob("/tmp/comp/x_*.json") + glob.glob("/tmp/comp/x40_*.json")):
     r = json.load(open(f))
     out["commands"] += r.get("commands", [])
     for name, rec in r["runs"].items():
