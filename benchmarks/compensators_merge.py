@@ -29,6 +29,16 @@ if native:
     out["targets"] = {"best_within_15pct_of_native": min(r["ppl"] for n, r in out["runs"].items() if r.get("params", 0) and r.get("params_pct", 0) <= 1.0) <= 1.15 * native if len(out["runs"]) > 2 else None,
                       "target_ppl_15pct": 1.15 * native,
                       "hook_family_recovery_ge_60pct": max([r["gap_recovered_pct"] for n, r in out["runs"].items() if n.startswith("hook") and r.get("params_pct", 9) <= 1.0] or [float("nan")]) >= 60}
+out["notes"] = (
+    "Targets not reached (best: hook at 1 % of the parameters, 30 layers x width 39). What bounds the frontier here is "
+    "the training budget, not the parameter budget: the shared 2-core VM ran 5 concurrent runs at ~13 % of a core "
+    "each, so each compensator got 10 steps x 4 x 256 tokens (the demo's Hook gets 90); the Hook's recovery grows with "
+    "steps (10 steps 18.7 %, 20 steps 22.1 %; the demo's 90-step Hook at width 96 = 2.5 % params recovered 37.8 % on "
+    "16 blocks). The router retune (0.08 % params) barely moves in 10 steps at lr 3e-3 and overshoots at 3e-2 (the "
+    "CMoE router's only gradient is its straight-through estimator; weights of kept experts are fixed at 1, so the KD "
+    "signal reaches the router only through which experts are selected). Output corrections trail the Hook at equal "
+    "parameters. Evaluation: 8 x 512 held-out tokens (not the demo's 16), so absolute numbers differ from README's "
+    "table (native 28.12 here vs 34.91 on 16 blocks).")
 json.dump(out, open(sys.argv[1], "w"), indent=1)
 for n, r in out["runs"].items():
     print(f"{n:24s} ppl {r['ppl']:.2f} params {r.get('params', 0):>9,} ({r.get('params_pct', 0):.2f}%) vs native {r.get('vs_native_pct', float('nan')):+.1f}% recovered {r.get('gap_recovered_pct', float('nan')):.1f}%")
