@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 
+from hookmoe.hook.compensators import DEFAULT_KIND, parse_budget, parse_kind
 from hookmoe.hook.module import DEFAULT_INIT
 from hookmoe.hook.inject import parse_layers
 from hookmoe.training.checkpoint import _find_checkpoint
@@ -25,7 +26,13 @@ def register_cli(app) -> None:
     def train_cmd(
         model: str = typer.Argument(..., help=MODEL_HELP),
         plan: str = typer.Option(..., help=PLAN_HELP + " (the reduced routing the Hook compensates)"),
-        layer: str = typer.Option(..., help="MoE layer(s) to hook: 14, 14,15, 12-14 or all (every MoE layer)"),
+        layer: str = typer.Option("auto", help="MoE layer(s) to compensate: 14, 14,15, 12-14, all (every MoE layer) or "
+                                  "auto (chosen from a per-layer sensitivity profile)"),
+        kind: str = typer.Option(DEFAULT_KIND, help="compensator: hook (the paper's, before the router) | router "
+                                 "(router retune) | output (low-rank correction on the MoE output) | hook+router | ..."),
+        budget: Optional[str] = typer.Option(None, help="parameter budget, e.g. 0.5% of the model: sets the Hook "
+                                             "width / output rank (and how many layers auto picks)"),
+        rank: Optional[int] = typer.Option(None, min=1, help="output correction rank (default: half an expert's width)"),
         calib: str = typer.Option("builtin", help="calibration text: builtin, c4, math, hf:ID, a file or folder"),
         out: Path = typer.Option(..., help="output directory (artifact, checkpoint, log, loss.png)"),
         objective: str = typer.Option(DEFAULT_OBJECTIVE, help="kd (KL to the native model) | lm | hidden"),
@@ -63,13 +70,17 @@ def register_cli(app) -> None:
         no_progress: bool = typer.Option(False, help="no progress bar"),
         as_json: Optional[Path] = typer.Option(None, "--json", help="also write the final metrics here ('-' = stdout)"),
     ):
-        """Train a Hook at --layer while the model runs --plan; writes the artifact to --out."""
+        """Train a Hook (or another --kind of compensator) at --layer while the model runs --plan; writes the artifact
+        to --out."""
         from hookmoe.errors import DataError
         from hookmoe.data.blocks import make_blocks
         from hookmoe.files import check_output, overwrite_allowed
         from hookmoe.hook import load
         from hookmoe.training import distributed
 
+        parse_kind(kind)  # bad --kind / --budget before the model loads
+        if budget is not None:
+            parse_budget(budget)
         from hookmoe.cli.common import check_json_out
 
         def has_checkpoint(p: Path) -> bool:
@@ -92,7 +103,7 @@ def register_cli(app) -> None:
             no_progress = True
         mm = load(model, device=ctx.device(device), dtype=dtype, seed=seed,
                   **ctx.localize_placement(placement_kwargs()))
-        layers = parse_layers(layer, mm)
+        layers = layer if layer.strip().lower() == "auto" else parse_layers(layer, mm)
         try:
             train_blocks = make_blocks(mm.tokenizer, calib, samples, seq_len, seed=seed, split="train",
                                        progress=not no_progress)
@@ -117,7 +128,8 @@ def register_cli(app) -> None:
                     out_dir=work, resume=resume, progress=not no_progress, grad_accum=grad_accum,
                     weight_decay=weight_decay, warmup=warmup, schedule=schedule, max_grad_norm=max_grad_norm or None,
                     eval_every=eval_every, patience=patience or None, checkpoint_every=checkpoint_every, init=init,
-                    inner_size=inner_size, kd_temperature=kd_temperature, kd_topk=kd_topk or None,
+                    inner_size=inner_size, rank=rank, kind=kind, budget=budget, kd_temperature=kd_temperature,
+                    kd_topk=kd_topk or None,
                     hidden_layer=hidden_layer,
                     grad_checkpointing=grad_checkpointing, amp=amp, seed=seed,
                     data_info={"calib": calib, "val_data": val_data or calib, "samples": samples, "seq_len": seq_len,
@@ -149,14 +161,15 @@ def register_cli(app) -> None:
         m = result.metrics
         if not ctx.is_main:
             return
+        layers = result.config.layers
         summary = {"out": str(out), "model": model, "plan": result.hookset.plan.describe() if result.hookset.plan
-                   else plan, "layers": layers, "objective": objective, **m}
+                   else plan, "kind": result.hookset.kind, "layers": layers, "objective": objective, **m}
         if as_json is not None and str(as_json) == "-":
             write_json(summary, None)
             return
         from rich.table import Table
 
-        t = Table(title=f"hookmoe train: {model} · {plan} · hook at {layers}", show_header=True)
+        t = Table(title=f"hookmoe train: {model} · {plan} · {result.hookset.kind} at {layers}", show_header=True)
         t.add_column("held-out")
         t.add_column("no hook", justify="right")
         t.add_column("with hook", justify="right")

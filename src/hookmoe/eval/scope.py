@@ -38,9 +38,9 @@ def hook_info(mm) -> dict | None:
     except ImportError:  # pragma: no cover - hook.py ships with the package
         return None
     hs = get_hooks(mm)
-    if hs is None or not any(getattr(h, "enabled", True) for h in hs.hooks.values()):
+    if hs is None or not any(getattr(h, "enabled", True) for h in hs.modules()):
         return None
-    info = {"layers": hs.layers, "params": hs.num_params()}
+    info = {"kind": hs.kind, "layers": hs.layers, "params": hs.num_params()}
     src = hs.manifest.get("source") or hs.manifest.get("directory") if hs.manifest else None
     if src:
         info["source"] = src

@@ -24,11 +24,17 @@ corrupt/truncated file is refused with an :class:`~hookmoe.errors.ArtifactError`
 ``hookmoe export`` writes a self-contained directory: the base model (``save_pretrained``) and its
 tokenizer, the hook (``hook/``), the plan (``plan.json``) and ``hookmoe_export.json``;
 ``hookmoe.models.load(OUT)`` restores all three (:func:`load_export`).
+
+Other compensators (:mod:`hookmoe.hook.compensators`) share the container (:class:`HookSet`), the artifact layout (the
+manifest records ``"kind"``: ``hook`` | ``router`` | ``output`` | ``hook+router`` ...; absent = ``hook``) and the
+training loop: a router delta (a trainable ``dW`` on the router's logit weight, swapped in while the router runs) and
+a low-rank correction added to the MoE block's output.
 """
 
 from .artifact import WEIGHTS_NAME, CONFIG_NAME, base_model_info, read_manifest, read_weights
 from .export import EXPORT_FORMAT, EXPORT_NAME, export_model, load_export, load
-from .inject import SUBMODULE, HookSet, parse_layers, insert_hooks, remove_hooks, get_hooks, attach_hooks
+from .compensators import KINDS, PARTS, DEFAULT_KIND, RouterDelta, OutputLowRank, parse_kind, parse_budget, size_for_budget
+from .inject import SUBMODULE, HookSet, parse_layers, insert_hooks, insert_compensators, remove_hooks, get_hooks, attach_hooks
 from .module import HOOK_FORMAT, INITS, DEFAULT_INIT, R_INIT, Hook
 
 __all__ = [
@@ -46,6 +52,15 @@ __all__ = [
     "HookSet",
     "parse_layers",
     "insert_hooks",
+    "insert_compensators",
+    "KINDS",
+    "PARTS",
+    "DEFAULT_KIND",
+    "RouterDelta",
+    "OutputLowRank",
+    "parse_kind",
+    "parse_budget",
+    "size_for_budget",
     "remove_hooks",
     "get_hooks",
     "attach_hooks",

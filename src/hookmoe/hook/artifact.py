@@ -14,6 +14,7 @@ import torch
 
 from hookmoe.errors import ArtifactError
 
+from hookmoe.hook.compensators import DEFAULT_KIND, kind_name, parse_kind
 from hookmoe.hook.module import HOOK_FORMAT
 
 
@@ -51,10 +52,23 @@ def read_manifest(directory: str | Path) -> dict:
         fmt = m.get("format") if isinstance(m, dict) else None
         raise ArtifactError(f"{cfg} has format {fmt!r}, expected {HOOK_FORMAT!r}")
     check_manifest(m, str(cfg))
-    h = m["hook"]
-    m["_layers"] = [int(i) for i in h["layers"]]
-    m["_inner"] = int(h["inner_size"])
-    m["_hidden"] = int(h["hidden_size"])
+    try:
+        h = m["hook"]
+        m["_layers"] = [int(i) for i in h["layers"]]
+        m["_hidden"] = int(h["hidden_size"])
+        m["_kind"] = kind_name(parse_kind(m.get("kind") or h.get("kind") or DEFAULT_KIND))  # absent: a Hook
+        parts = h.get("parts") or {"hook": {"layers": m["_layers"], "inner_size": h["inner_size"]}}
+        m["_parts"] = {}
+        for name in parse_kind(m["_kind"]):
+            part = dict(parts[name])
+            part["layers"] = [int(i) for i in part["layers"]]
+            for key in ("inner_size", "rank", "experts"):
+                if key in part:
+                    part[key] = int(part[key])
+            m["_parts"][name] = part
+        m["_inner"] = int(m["_parts"]["hook"]["inner_size"]) if "hook" in m["_parts"] else 0
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"hook manifest {cfg} is incomplete (missing hook layers or sizes)") from e
     m["_dir"] = str(d)
     return m
 
@@ -63,12 +77,13 @@ _OPT_DICT = (dict, type(None))
 _NUM = (int, float)
 
 #: hookmoe.json: every key and its JSON type; unknown keys and wrong types are refused with the key's name.
-MANIFEST_SCHEMA = {"format": str, "hookmoe_version": str, "created": str, "base_model": _OPT_DICT, "hook": dict,
+MANIFEST_SCHEMA = {"format": str, "kind": str, "hookmoe_version": str, "created": str, "base_model": _OPT_DICT, "hook": dict,
                    "plan": (dict, str, type(None)), "training": _OPT_DICT, "metrics": _OPT_DICT,
                    "weights": _OPT_DICT}
 BASE_MODEL_SCHEMA = {"source": (str, type(None)), "arch": (str, type(None)), "fingerprint": (str, type(None)),
                      "hidden_size": int, "num_layers": int, "moe_layers": list}
-HOOK_SCHEMA = {"layers": list, "hidden_size": int, "inner_size": int, "init": str, "r_init": _NUM, "dtype": str,
+HOOK_SCHEMA = {"kind": str, "parts": dict, "layers": list, "hidden_size": int, "inner_size": (int, type(None)),
+               "init": str, "r_init": _NUM, "dtype": str,
                "params": int, "params_fraction_of_model": _NUM, "r": dict}
 WEIGHTS_SCHEMA = {"file": str, "sha256": (str, type(None))}
 
@@ -77,13 +92,13 @@ def check_manifest(m: dict, where: str) -> None:
     """Strict schema of a hook manifest (ArtifactError naming the key); the weights file must lie inside the
     artifact folder."""
     check_keys(m, MANIFEST_SCHEMA, where=where, required=("format", "hook"), error=ArtifactError)
-    h = check_keys(m["hook"], HOOK_SCHEMA, where=f"{where}: 'hook'", required=("layers", "hidden_size", "inner_size"),
+    h = check_keys(m["hook"], HOOK_SCHEMA, where=f"{where}: 'hook'", required=("layers", "hidden_size"),
                    error=ArtifactError)
     layers = h["layers"]
     if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
         raise ArtifactError(f"{where}: 'hook.layers' must be a non-empty list of layer numbers, got {layers!r}")
-    for k in ("hidden_size", "inner_size"):
-        if h[k] < 1:
+    for k in ("hidden_size", "inner_size"):  # inner_size: None for kinds without a Hook part
+        if h.get(k) is not None and h[k] < 1:
             raise ArtifactError(f"{where}: 'hook.{k}' must be >= 1, got {h[k]}")
     if m.get("base_model") is not None:
         check_keys(m["base_model"], BASE_MODEL_SCHEMA, where=f"{where}: 'base_model'", error=ArtifactError)
@@ -136,17 +151,25 @@ def read_weights(directory: str | Path, m: dict | None = None) -> dict[str, torc
         state = load_file(str(wfile))
     except Exception as e:  # safetensors raises its own error types for bad headers/truncation
         raise ArtifactError(f"hook weights {wfile} are corrupt or truncated ({type(e).__name__})") from None
-    for i in m["_layers"]:
-        for name, shape in ((f"layers.{i}.linear1.weight", (m["_inner"], m["_hidden"])),
-                            (f"layers.{i}.linear2.weight", (m["_hidden"], m["_inner"])),
-                            (f"layers.{i}.r", ())):
-            t = state.get(name)
-            if t is None:
-                raise ArtifactError(f"hook weights {wfile} lack tensor {name}")
-            if tuple(t.shape) != shape:
-                raise ArtifactError(f"hook tensor {name} in {wfile} has shape {tuple(t.shape)}, expected {shape}")
-            if not torch.isfinite(t).all():
-                raise ArtifactError(f"hook tensor {name} in {wfile} holds NaN or inf values")
+    want_shapes = []
+    parts, hid = m.get("_parts") or {"hook": {"layers": m["_layers"], "inner_size": m["_inner"]}}, m["_hidden"]
+    for i in (parts.get("hook") or {}).get("layers", []):
+        inner = parts["hook"]["inner_size"]
+        want_shapes += [(f"layers.{i}.linear1.weight", (inner, hid)), (f"layers.{i}.linear2.weight", (hid, inner)),
+                        (f"layers.{i}.r", ())]
+    for i in (parts.get("router") or {}).get("layers", []):
+        want_shapes.append((f"router.{i}.delta", (parts["router"]["experts"], hid)))
+    for i in (parts.get("output") or {}).get("layers", []):
+        rank = parts["output"]["rank"]
+        want_shapes += [(f"output.{i}.down", (rank, hid)), (f"output.{i}.up", (hid, rank))]
+    for name, shape in want_shapes:
+        t = state.get(name)
+        if t is None:
+            raise ArtifactError(f"hook weights {wfile} lack tensor {name}")
+        if tuple(t.shape) != shape:
+            raise ArtifactError(f"hook tensor {name} in {wfile} has shape {tuple(t.shape)}, expected {shape}")
+        if not torch.isfinite(t).all():
+            raise ArtifactError(f"hook tensor {name} in {wfile} holds NaN or inf values")
     return state
 
 

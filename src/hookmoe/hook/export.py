@@ -16,7 +16,7 @@ from hookmoe.errors import ArtifactError
 from hookmoe.models import MoEModel, load_causal_lm
 from hookmoe.models import load as load_model
 from hookmoe.hook.artifact import _chmod_default, _write_json_atomic, base_model_info
-from hookmoe.hook.inject import HookSet, SUBMODULE, attach_hooks, get_hooks, remove_hooks
+from hookmoe.hook.inject import HookSet, SUBMODULES, attach_hooks, get_hooks, remove_hooks
 
 
 EXPORT_FORMAT = "hookmoe-export/1"
@@ -27,17 +27,18 @@ EXPORT_NAME = "hookmoe_export.json"
 
 @contextlib.contextmanager
 def _hooks_detached(mm):
-    """Temporarily take the Hook submodules out of the model (so ``save_pretrained`` omits them)."""
+    """Temporarily take the compensator submodules out of the model (so ``save_pretrained`` omits them)."""
     taken = []
     for layer in mm.layers:
-        h = layer.block._modules.pop(SUBMODULE, None)
-        if h is not None:
-            taken.append((layer.block, h))
+        for name in SUBMODULES:
+            h = layer.block._modules.pop(name, None)
+            if h is not None:
+                taken.append((layer.block, name, h))
     try:
         yield
     finally:
-        for block, h in taken:
-            block._modules[SUBMODULE] = h
+        for block, name, h in taken:
+            block._modules[name] = h
 
 
 def export_model(mm, out: str | Path, *, plan: Any = None, hook: str | Path | HookSet | None = None,

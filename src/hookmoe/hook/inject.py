@@ -15,10 +15,18 @@ from torch import nn
 from hookmoe.errors import ArtifactError, ModelError
 from hookmoe.layerspec import parse_layer_list
 from hookmoe.hook.artifact import CONFIG_NAME, WEIGHTS_NAME, _check_compat, _chmod_default, _sha256, _write_json_atomic, base_model_info, read_manifest, read_weights
+from hookmoe.hook.compensators import (OUTPUT_SUBMODULE, PARTS, ROUTER_SUBMODULE, OutputLowRank, RouterDelta,
+                                       attach_output, attach_router_delta, kind_name, parse_kind)
 from hookmoe.hook.module import DEFAULT_INIT, HOOK_FORMAT, Hook, INITS, R_INIT
 
 
 SUBMODULE = "hookmoe_hook"  # attribute of the MoE block holding the Hook
+
+
+SUBMODULES = (SUBMODULE, ROUTER_SUBMODULE, OUTPUT_SUBMODULE)  # every compensator submodule name
+
+
+_PREFIX = {"hook": "layers", "router": "router", "output": "output"}  # state-dict prefix per part
 
 
 def _pre_hook(block: nn.Module, args: tuple, kwargs: dict):
@@ -36,35 +44,58 @@ def _pre_hook(block: nn.Module, args: tuple, kwargs: dict):
 
 
 class HookSet:
-    """The Hooks inserted into one model (one per hooked decoder layer).
+    """The compensators inserted into one model: Hooks (one per hooked decoder layer) and, for other kinds
+    (:mod:`hookmoe.hook.compensators`), router deltas and output corrections.
 
-    ``parameters()`` gives the trainable tensors; ``state_dict()`` the flat ``layers.<i>.*`` dict saved in
-    ``hook.safetensors``; ``disabled()`` is a context manager that bypasses every Hook (the teacher in
-    KD); ``remove()`` detaches them; ``save_pretrained(dir, **manifest)`` writes an artifact.
+    ``parameters()`` gives the trainable tensors; ``state_dict()`` the flat dict saved in ``hook.safetensors``
+    (``layers.<i>.*`` for Hooks, ``router.<i>.delta``, ``output.<i>.{down,up}``); ``disabled()`` is a context
+    manager that bypasses every compensator (the teacher in KD); ``remove()`` detaches them;
+    ``save_pretrained(dir, **manifest)`` writes an artifact. ``hooks`` holds the Hook part only, ``parts`` every
+    part by name, ``kind`` names them (``hook``, ``router``, ``output``, ``hook+router``, ...).
     """
 
-    def __init__(self, mm, hooks: dict[int, Hook], handles: dict[int, Any], *, manifest: dict | None = None):
+    def __init__(self, mm, hooks: dict[int, Hook], handles: Any, *, manifest: dict | None = None,
+                 parts: dict[str, dict[int, nn.Module]] | None = None):
         self.mm = mm
         self.hooks = dict(sorted(hooks.items()))
-        self._handles = dict(handles)
+        self.parts: dict[str, dict[int, nn.Module]] = {}
+        all_parts = dict(parts or {})
+        all_parts["hook"] = self.hooks
+        for name in PARTS:
+            if all_parts.get(name):
+                self.parts[name] = self.hooks if name == "hook" else dict(sorted(all_parts[name].items()))
+        self._handles = list(handles.values()) if isinstance(handles, dict) else list(handles)
         self.manifest: dict = dict(manifest or {})
 
     # ---- facts -----------------------------------------------------------------------------------
     @property
-    def layers(self) -> list[int]:
-        return list(self.hooks)
+    def kind(self) -> str:
+        return kind_name(self.parts)
 
     @property
-    def inner_size(self) -> int:
-        return next(iter(self.hooks.values())).inner_size
+    def layers(self) -> list[int]:
+        """Every decoder layer that holds a compensator (for a Hook-only set: the hooked layers)."""
+        return sorted({i for mods in self.parts.values() for i in mods})
+
+    def part_layers(self) -> dict[str, list[int]]:
+        return {name: list(mods) for name, mods in self.parts.items()}
+
+    @property
+    def inner_size(self) -> int | None:
+        return next(iter(self.hooks.values())).inner_size if self.hooks else None
+
+    @property
+    def rank(self) -> int | None:
+        out = self.parts.get("output")
+        return next(iter(out.values())).rank if out else None
 
     @property
     def hidden_size(self) -> int:
-        return next(iter(self.hooks.values())).hidden_size
+        return int(self.mm.config.hidden_size)
 
     @property
     def init(self) -> str:
-        return next(iter(self.hooks.values())).init
+        return next(iter(self.hooks.values())).init if self.hooks else DEFAULT_INIT
 
     @property
     def attached(self) -> bool:
@@ -78,17 +109,22 @@ class HookSet:
         p = self.manifest.get("plan")
         return Plan.from_dict(p) if p else None
 
+    def modules(self) -> Iterator[nn.Module]:
+        for mods in self.parts.values():
+            yield from mods.values()
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        for h in self.hooks.values():
-            yield from h.parameters()
+        for m in self.modules():
+            yield from m.parameters()
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for i, h in self.hooks.items():
-            for name, p in h.named_parameters():
-                yield f"layers.{i}.{name}", p
+        for part, mods in self.parts.items():
+            for i, m in mods.items():
+                for name, p in m.named_parameters():
+                    yield f"{_PREFIX[part]}.{i}.{name}", p
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_parameters()}
@@ -113,31 +149,33 @@ class HookSet:
         return self
 
     def to(self, *args, **kwargs) -> "HookSet":
-        for h in self.hooks.values():
-            h.to(*args, **kwargs)
+        for m in self.modules():
+            m.to(*args, **kwargs)
         return self
 
     def train(self, mode: bool = True) -> "HookSet":
-        for h in self.hooks.values():
-            h.train(mode)
+        for m in self.modules():
+            m.train(mode)
         return self
 
     @contextlib.contextmanager
     def disabled(self):
-        """Run the model as if no Hook were inserted (weights stay in place)."""
-        prev = {i: h.enabled for i, h in self.hooks.items()}
-        for h in self.hooks.values():
-            h.enabled = False
+        """Run the model as if no compensator were inserted (weights stay in place)."""
+        mods = list(self.modules())
+        prev = [m.enabled for m in mods]
+        for m in mods:
+            m.enabled = False
         try:
             yield self
         finally:
-            for i, h in self.hooks.items():
-                h.enabled = prev[i]
+            for m, e in zip(mods, prev):
+                m.enabled = e
 
     def remove(self) -> None:
-        """Detach every Hook: delete the pre-hooks and the ``hookmoe_hook`` submodules."""
-        for i, handle in self._handles.items():
+        """Detach every compensator: delete the hooks/wrappers and the ``hookmoe_*`` submodules."""
+        for handle in self._handles:
             handle.remove()
+        for i in self.hooks:
             block = self.mm.layer(i).block
             if SUBMODULE in block._modules:
                 del block._modules[SUBMODULE]
@@ -148,7 +186,18 @@ class HookSet:
     # ---- artifact ------------------------------------------------------------------------------
     def describe(self) -> dict:
         total = sum(p.numel() for p in self.mm.model.parameters() if not _is_hook_param_of(self, p))
+        parts = {}
+        for name, mods in self.parts.items():
+            d = {"layers": list(mods), "params": sum(p.numel() for m in mods.values() for p in m.parameters())}
+            if name == "hook":
+                d["inner_size"] = self.inner_size
+            elif name == "router":
+                d["experts"] = next(iter(mods.values())).num_experts
+            else:
+                d["rank"] = self.rank
+            parts[name] = d
         return {
+            "kind": self.kind,
             "layers": self.layers,
             "hidden_size": self.hidden_size,
             "inner_size": self.inner_size,
@@ -158,6 +207,7 @@ class HookSet:
             "params": self.num_params(),
             "params_fraction_of_model": self.num_params() / max(1, total),
             "r": {str(i): float(h.r.detach().float().item()) for i, h in self.hooks.items()},
+            "parts": parts,
         }
 
     def save_pretrained(self, directory: str | Path, *, plan: Any = None, training: dict | None = None,
@@ -186,6 +236,7 @@ class HookSet:
             "hookmoe_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "base_model": base_model_info(self.mm),
+            "kind": self.kind,
             "hook": self.describe(),
             "plan": plan,
             "training": training if training is not None else self.manifest.get("training"),
@@ -245,23 +296,58 @@ def insert_hooks(mm, layers: Any, inner_size: int | None = None, init: str = DEF
     (train with ``torch.float32`` master weights). Hooks already in the model are removed first.
     Each layer's Hook is seeded with ``seed + layer`` so results do not depend on the other layers chosen.
     """
-    layers = parse_layers(layers, mm)
+    return insert_compensators(mm, "hook", layers, inner_size=inner_size, init=init, seed=seed, dtype=dtype)
+
+
+def default_rank(mm) -> int:
+    """The output correction's default rank: half an expert's width."""
+    return max(1, mm.expert_intermediate_size // 2)
+
+
+def insert_compensators(mm, kind: Any = "hook", layers: Any = "all", *, inner_size: int | None = None,
+                        rank: int | None = None, init: str = DEFAULT_INIT, seed: int = 0,
+                        dtype: torch.dtype | None = None, part_layers: dict[str, Any] | None = None) -> HookSet:
+    """Insert fresh compensators of ``kind`` (``hook``, ``router``, ``output``, ``hook+router``, ...) at ``layers``.
+
+    ``part_layers`` overrides the layers of single parts (``{"router": "all"}``). Hook: width ``inner_size``
+    (default: the paper's), ``init``; router: a zero delta on the router weight; output: rank ``rank`` (default
+    :func:`default_rank`), ``up`` zero. All start as the identity except a Hook with ``init="paper"``. Anything
+    inserted before is removed first. Each module is seeded from ``seed + layer``.
+    """
+    parts = parse_kind(kind)
+    base_layers = parse_layers(layers, mm)
+    per_part = {p: parse_layers((part_layers or {}).get(p, base_layers), mm) for p in parts}
     if init not in INITS:
         raise ArtifactError(f"unknown hook init '{init}' (use one of: {', '.join(INITS)})")
     inner = int(inner_size or mm.hook_hidden_size)
-    if inner < 1:
+    if "hook" in parts and inner < 1:
         raise ModelError(f"hook inner size must be >= 1, got {inner}")
+    r = int(rank or default_rank(mm))
     remove_hooks(mm)
     hidden = int(mm.config.hidden_size)
     dt = dtype or mm.dtype
-    hooks, handles = {}, {}
-    for i in layers:
-        block = mm.layer(i).block
-        h = Hook(hidden, inner, init, seed=seed + i, dtype=dt, device=mm.block_device(i))  # on its block's device
-        block.add_module(SUBMODULE, h)
-        hooks[i] = h
-        handles[i] = block.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-    hs = HookSet(mm, hooks, handles)
+    hooks, handles, others = {}, [], {"router": {}, "output": {}}
+    try:
+        for i in per_part.get("hook", []):
+            block = mm.layer(i).block
+            h = Hook(hidden, inner, init, seed=seed + i, dtype=dt, device=mm.block_device(i))
+            block.add_module(SUBMODULE, h)
+            hooks[i] = h
+            handles.append(block.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+        for i in per_part.get("router", []):
+            d = RouterDelta(mm.num_experts, hidden, dtype=dt, device=mm.block_device(i))
+            handles.append(attach_router_delta(mm.layer(i), d))
+            others["router"][i] = d
+        for i in per_part.get("output", []):
+            o = OutputLowRank(hidden, r, seed=seed + i, dtype=dt, device=mm.block_device(i))
+            handles.append(attach_output(mm.layer(i), o))
+            others["output"][i] = o
+    except BaseException:
+        for h in handles:
+            h.remove()
+        remove_hooks(mm)
+        raise
+    hs = HookSet(mm, hooks, handles, parts=others)
     mm.hookset = hs
     return hs
 
@@ -272,8 +358,13 @@ def remove_hooks(mm) -> None:
     if hs is not None:
         hs.remove()
     for layer in mm.layers:
-        if SUBMODULE in layer.block._modules:
-            del layer.block._modules[SUBMODULE]
+        fw = layer.router.__dict__.get("forward")
+        if fw is not None and hasattr(fw, "original") and hasattr(fw, "delta"):  # a stray router delta wrapper
+            layer.router._parameters[fw.name] = fw.original
+            del layer.router.__dict__["forward"]
+        for name in SUBMODULES:
+            if name in layer.block._modules:
+                del layer.block._modules[name]
     mm.hookset = None
 
 
@@ -283,7 +374,7 @@ def get_hooks(mm) -> HookSet | None:
 
 
 def attach_hooks(mm, directory: str | Path, *, strict: bool = True, dtype: torch.dtype | None = None) -> HookSet:
-    """Insert the Hooks saved in ``directory`` into ``mm`` (PEFT's ``from_pretrained``).
+    """Insert the compensators saved in ``directory`` into ``mm`` (PEFT's ``from_pretrained``); any kind.
 
     Refuses (ArtifactError) an artifact for another model (hidden size, fingerprint with ``strict``,
     layers) or with a corrupt/truncated file. The artifact's plan is on ``HookSet.plan``; it is not
@@ -294,9 +385,12 @@ def attach_hooks(mm, directory: str | Path, *, strict: bool = True, dtype: torch
     state = read_weights(directory, m)
     init = (m.get("hook") or {}).get("init", DEFAULT_INIT)
     init = init if init in INITS else DEFAULT_INIT
-    w_dtype = state[f"layers.{m['_layers'][0]}.linear1.weight"].dtype
-    hs = insert_hooks(mm, m["_layers"], m["_inner"], init, dtype=dtype or (w_dtype if mm.dtype == torch.float32
-                                                                           else mm.dtype))
+    w_dtype = next(iter(state.values())).dtype
+    parts = m["_parts"]
+    hs = insert_compensators(mm, m["_kind"], m["_layers"], inner_size=m["_inner"] or None,
+                             rank=(parts.get("output") or {}).get("rank"), init=init,
+                             dtype=dtype or (w_dtype if mm.dtype == torch.float32 else mm.dtype),
+                             part_layers={p: d["layers"] for p, d in parts.items()})
     hs.load_state_dict(state)
     hs.manifest = {k: v for k, v in m.items() if not k.startswith("_")}
     hs.manifest["directory"] = m["_dir"]  # in memory only: where the Hooks were loaded from

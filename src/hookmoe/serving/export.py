@@ -105,6 +105,9 @@ def export_for_engine(mm, out: str | Path, *, plan: Any = None, hook: str | Path
                 why = NOT_SERVED.get(mm.arch, "not supported by the vLLM plugin")
                 raise ModelError(f"vLLM cannot serve a plan or a Hook on {mm.arch} ({why}); use a uniform --plan "
                                  "topk:K without --hook, or --target transformers")
+            if target == "vllm" and hs is not None and getattr(hs, "kind", "hook") != "hook":
+                raise ModelError(f"the vLLM plugin serves Hooks only, not a '{hs.kind}' compensator; export it with "
+                                 "--target transformers")
             export_model(mm, staged, plan=plan_obj, hook=hs)
         cfg_file = staged / "config.json"
         cfg = json.loads(cfg_file.read_text())

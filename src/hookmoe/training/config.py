@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from hookmoe.hook.compensators import DEFAULT_KIND, kind_name, parse_kind
 from hookmoe.hook.module import DEFAULT_INIT, INITS
 from hookmoe.hook.inject import HookSet
-from hookmoe.errors import TrainingError
+from hookmoe.errors import TrainingError, UserError
 
 
 OBJECTIVES = ("lm", "kd", "hidden")
@@ -73,6 +74,10 @@ class TrainConfig:
     checkpoint_every: int | None = None  # default: eval_every
     init: str = DEFAULT_INIT
     inner_size: int | None = None
+    kind: str = DEFAULT_KIND  # compensator kind: hook | router | output | hook+router | ... (hookmoe.hook.compensators)
+    rank: int | None = None  # output correction rank (default: half an expert's width)
+    part_layers: dict | None = None  # layers per compensator part when they differ (e.g. {"router": [...], "hook": [...]})
+    budget: str | None = None  # parameter budget the sizes were chosen for (e.g. "0.5%"), for the record
     seed: int = 0
     kd_temperature: float = 1.0
     kd_topk: int | None = 32  # cache the teacher's top-K log-probs (None: exact teacher every batch)
@@ -92,6 +97,12 @@ class TrainConfig:
             raise TrainingError(f"unknown objective '{self.objective}' (use one of: {', '.join(OBJECTIVES)})")
         if self.init not in INITS:
             raise TrainingError(f"unknown hook init '{self.init}' (use one of: {', '.join(INITS)})")
+        try:
+            self.kind = kind_name(parse_kind(self.kind))
+        except UserError as e:
+            raise TrainingError(str(e)) from None
+        if self.rank is not None and self.rank < 1:
+            raise TrainingError(f"rank must be >= 1, got {self.rank}")
         if self.schedule not in SCHEDULES:
             raise TrainingError(f"unknown schedule '{self.schedule}' (use one of: {', '.join(SCHEDULES)})")
         if self.amp not in AMP_MODES:

@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from hookmoe.errors import ArtifactError
-from hookmoe.hook.inject import HookSet, insert_hooks, parse_layers
+from hookmoe.hook.inject import HookSet, insert_compensators, parse_layers
 from hookmoe.hook.artifact import _json_default
 from hookmoe.errors import TrainingError
 from hookmoe.training import distributed
@@ -225,8 +225,13 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
                val_blocks: torch.Tensor | None = None, objective: str = DEFAULT_OBJECTIVE, steps: int | None = None,
                epochs: float | None = None, lr: float = 1e-4, batch_size: int = 4, out_dir: str | Path | None = None,
                resume: bool = False, progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
-               data_info: dict | None = None, **options) -> TrainResult:
-    """Insert Hooks at ``layers`` of ``mm`` and train them (base frozen) under routing ``plan``.
+               data_info: dict | None = None, kind: str = "hook", budget: Any = None, **options) -> TrainResult:
+    """Insert Hooks (or another compensator ``kind``) at ``layers`` of ``mm`` and train them (base frozen) under
+    routing ``plan``.
+
+    ``kind``: ``hook`` | ``router`` | ``output`` | ``hook+router`` | ... (:mod:`hookmoe.hook.compensators`).
+    ``layers="auto"`` picks them from a per-layer sensitivity profile; ``budget="0.5%"`` sizes the Hook width and
+    the output rank to keep the added parameters within that share of the model (:mod:`hookmoe.training.budget`).
 
     ``options`` are further :class:`TrainConfig` fields (``init``, ``inner_size``, ``grad_accum``,
     ``warmup``, ``schedule``, ``max_grad_norm``, ``eval_every``, ``patience``, ``checkpoint_every``,
@@ -244,10 +249,20 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"train_hook got unknown options: {', '.join(sorted(unknown))}")
+    from hookmoe.training.budget import resolve_compensator
+
     plan_obj = Plan.parse(plan)
     world = distributed.current().world
-    cfg = TrainConfig(layers=parse_layers(layers, mm), plan=plan_obj.to_dict(), objective=objective, steps=steps,
-                      epochs=epochs, lr=lr, batch_size=batch_size * world, **options)
+    layer_list, part_layers, sel = resolve_compensator(mm, kind=kind, layers=layers, budget=budget,
+                                                       blocks=train_blocks, inner_size=options.pop("inner_size", None),
+                                                       rank=options.pop("rank", None))
+    if "sensitivity" in sel:
+        data_info = dict(data_info or {}, layer_selection=sel)
+    cfg = TrainConfig(layers=layer_list, plan=plan_obj.to_dict(), objective=objective, steps=steps,
+                      epochs=epochs, lr=lr, batch_size=batch_size * world, kind=kind, inner_size=sel["inner_size"],
+                      rank=sel["rank"], budget=None if budget is None else str(budget),
+                      part_layers=part_layers if any(v != layer_list for v in part_layers.values()) else None,
+                      **options)
     cfg.validate()
     run = HookTraining(mm, cfg, plan_obj, train_blocks, val_blocks, out_dir=out_dir, resume=resume,
                        data_info=data_info)
@@ -360,7 +375,9 @@ class HookTraining:
             if self.prev_plan is not None:
                 mm.active_plan = apply_plan(mm, self.prev_plan)
             raise
-        self.hs = hs = insert_hooks(mm, cfg.layers, cfg.inner_size, cfg.init, seed=cfg.seed, dtype=torch.float32)
+        self.hs = hs = insert_compensators(mm, cfg.kind, cfg.layers, inner_size=cfg.inner_size, rank=cfg.rank,
+                                           init=cfg.init, seed=cfg.seed, dtype=torch.float32,
+                                           part_layers=cfg.part_layers)
         hook_ids = {id(p) for p in hs.parameters()}
         self.frozen = [(p, p.requires_grad) for p in mm.model.parameters() if id(p) not in hook_ids]
         for p, _ in self.frozen:
