@@ -80,3 +80,20 @@ def test_bad_frontier_input_is_one_line(tmp_path, capsys, argv, fragment):
         main(["frontier", "tiny:qwen2_moe", "--calib", "builtin", "--data", "builtin", "--out", str(tmp_path)] + argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error:") and fragment in err and len(err.splitlines()) == 1
+
+
+def test_frontier_scores_every_compensator_kind(tmp_path, capsys):
+    out = tmp_path / "fr"
+    with pytest.raises(SystemExit) as e:
+        main(["frontier", "tiny:qwen2_moe", "--calib", "builtin", "--data", "builtin", "--acts", "3.5",
+              "--out", str(out), "--allocators", "dp", "--compensators", "none,router,output,hook+router",
+              "--dynamic", "", "--steps", "3", "--n-calib", "4", "--n-train", "8", "--n-eval", "4",
+              "--block-len", "32", "--batch-size", "4"])
+    assert e.value.code == 0, capsys.readouterr().err
+    rows = json.loads((out / "frontier.json").read_text())["rows"]
+    plain = next(r for r in rows if r["method"] == "dp")
+    for kind in ("router", "output", "hook+router"):
+        r = next(r for r in rows if r["method"] == f"dp + {kind}")
+        assert r["plan"] == plain["plan"] and r["act"] == pytest.approx(3.5, abs=1e-12)
+        assert r["comp_params"] > 0 and r["comp_steps"] == 3
+        assert r["ppl"] != plain["ppl"]  # the trained compensator changes the model's output

@@ -42,39 +42,53 @@ FRONTIER_HOOK_LR = 1e-3
 # --------------------------------------------------------------------------------------------------
 
 
-def hook_compensator(mm, plan: Any, train_blocks: torch.Tensor, *, steps: int, param_budget: int | None = None,
-                     lr: float = FRONTIER_HOOK_LR, batch_size: int = 4, seed: int = 0,
-                     val_blocks: torch.Tensor | None = None, progress: bool = False, layers: Any = "all") -> dict:
-    """Hooks in every MoE layer (the demo's default), trained with KD for ``plan`` for ``steps`` steps.
+def train_compensator(mm, plan: Any, train_blocks: torch.Tensor, *, kind: str = "hook", steps: int,
+                      param_budget: int | None = None, lr: float = FRONTIER_HOOK_LR, batch_size: int = 4, seed: int = 0,
+                      val_blocks: torch.Tensor | None = None, progress: bool = False, layers: Any = "all") -> dict:
+    """A compensator of ``kind`` (hook, router, output, hook+router, ...) trained with KD for ``plan``.
 
-    Width: ``param_budget`` split evenly over the layers (``2 * hidden * inner`` weights per Hook), else half
-    an expert's width (as ``hookmoe demo``).
+    Every MoE layer gets one. Size: ``param_budget`` parameters when given (Hook width / output rank chosen by
+    :func:`hookmoe.hook.compensators.size_for_budget`; router deltas have a fixed size), else half an expert's
+    width for a Hook (as ``hookmoe demo``) and the same width as the output rank.
     """
-    from hookmoe.hook.inject import get_hooks, remove_hooks
-    from hookmoe.hook.inject import parse_layers
+    from hookmoe.hook.inject import get_hooks, parse_layers, remove_hooks
     from hookmoe.training.loop import train_hook
 
     ls = parse_layers(layers, mm)
-    h = int(mm.config.hidden_size)
-    if param_budget is not None:
-        inner = max(1, int(param_budget) // (len(ls) * 2 * h))
-    else:
-        inner = max(1, mm.expert_intermediate_size // 2)
+    sizes: dict[str, Any] = {}
+    if param_budget is None:
+        half = max(1, mm.expert_intermediate_size // 2)
+        sizes = {k: half for k, part in (("inner_size", "hook"), ("rank", "output")) if part in kind.split("+")}
     t0 = time.perf_counter()
     res = train_hook(mm, layers=ls, plan=plan, train_blocks=train_blocks, val_blocks=val_blocks, steps=int(steps),
-                     lr=float(lr), batch_size=min(int(batch_size), int(train_blocks.shape[0])), inner_size=inner,
-                     progress=progress, seed=seed, eval_every=max(1, int(steps) // 4) if val_blocks is not None
-                     else None)
+                     lr=float(lr), batch_size=min(int(batch_size), int(train_blocks.shape[0])), kind=kind,
+                     budget=None if param_budget is None else str(int(param_budget)), progress=progress, seed=seed,
+                     eval_every=max(1, int(steps) // 4) if val_blocks is not None else None,
+                     **sizes)
     hs = get_hooks(mm)
-    if hs is None:  # pragma: no cover - train_hook leaves its Hooks attached
-        raise FrontierError("hook training left no Hook attached")
-    return {"params": hs.num_params(), "layers": hs.layers, "inner_size": inner, "steps": int(steps),
-            "train_time_s": time.perf_counter() - t0, "remove": lambda: remove_hooks(mm),
-            "final_loss": (res.metrics or {}).get("final_loss") if hasattr(res, "metrics") else None}
+    if hs is None:  # pragma: no cover - train_hook leaves its compensators attached
+        raise FrontierError(f"{kind} training left nothing attached")
+    return {"params": hs.num_params(), "layers": hs.layers, "inner_size": res.config.inner_size,
+            "steps": int(steps), "train_time_s": time.perf_counter() - t0, "remove": lambda: remove_hooks(mm),
+            "final_loss": (res.metrics or {}).get("final_train_loss")}
 
 
-#: name -> compensator callable (None: no compensation)
-COMPENSATORS: dict[str, Optional[Callable[..., dict]]] = {"none": None, "hook": hook_compensator}
+def _compensator(kind: str) -> Callable[..., dict]:
+    def train(mm, plan, train_blocks, **kw):
+        return train_compensator(mm, plan, train_blocks, kind=kind, **kw)
+
+    train.__name__ = f"{kind.replace('+', '_')}_compensator"
+    return train
+
+
+#: Hooks in every MoE layer (the demo's default) — kept by name for existing callers.
+hook_compensator = _compensator("hook")
+
+#: name -> compensator callable (None: no compensation). Every kind of hookmoe.hook.compensators is one.
+COMPENSATORS: dict[str, Optional[Callable[..., dict]]] = {
+    "none": None, "hook": hook_compensator, "router": _compensator("router"), "output": _compensator("output"),
+    "hook+router": _compensator("hook+router"),
+}
 
 
 def _parse_names(value: Any, known: Sequence[str], what: str) -> list[str]:

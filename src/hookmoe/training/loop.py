@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from hookmoe.errors import ArtifactError
-from hookmoe.hook.inject import HookSet, insert_compensators, parse_layers
+from hookmoe.hook.inject import HookSet, insert_compensators
 from hookmoe.hook.artifact import _json_default
 from hookmoe.errors import TrainingError
 from hookmoe.training import distributed
