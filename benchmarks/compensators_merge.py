@@ -33,7 +33,7 @@ out["notes"] = (
     "Targets not reached (best: hook at 1 % of the parameters, 30 layers x width 39). What bounds the frontier here is "
     "the training budget, not the parameter budget: the shared 2-core VM ran 5 concurrent runs at ~13 % of a core "
     "each, so each compensator got 10 steps x 4 x 256 tokens (the demo's Hook gets 90); the Hook's recovery grows with "
-    "steps (10 steps 18.7 %, 20 steps 22.1 %; the demo's 90-step Hook at width 96 = 2.5 % params recovered 37.8 % on "
+    "steps (10 steps 18.7 %, 20 steps 22.1 %, 40 steps 29.2 %; hook+router 14.0 % at 10 steps, 29.9 % at 40 steps; the demo's 90-step Hook at width 96 = 2.5 % params recovered 37.8 % on "
     "16 blocks). The router retune (0.08 % params) barely moves in 10 steps at lr 3e-3 and overshoots at 3e-2 (the "
     "CMoE router's only gradient is its straight-through estimator; weights of kept experts are fixed at 1, so the KD "
     "signal reaches the router only through which experts are selected). Output corrections trail the Hook at equal "
