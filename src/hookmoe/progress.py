@@ -1,7 +1,8 @@
 """Progress bars: the one helper every long-running step uses.
 
 Bars are rich progress bars on stderr. They are off when the caller says so (``--no-progress``) and when stderr is
-not a terminal (logs and pipes stay clean), or when ``HOOKMOE_PROGRESS=0``.
+not a terminal (logs and pipes stay clean), or when ``HOOKMOE_PROGRESS=0``
+(``HOOKMOE_PROGRESS=always`` draws them anyway).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ T = TypeVar("T")
 
 
 def wanted(enabled: bool = True) -> bool:
-    """Whether a bar should be drawn: asked for, stderr is a terminal, and not switched off by the environment."""
-    if not enabled or os.environ.get("HOOKMOE_PROGRESS", "1") == "0":
+    """Whether a bar should be drawn: asked for, and stderr is a terminal; ``HOOKMOE_PROGRESS=0`` turns every bar
+    off, ``HOOKMOE_PROGRESS=always`` draws them even when stderr is not a terminal (logs, tests)."""
+    mode = os.environ.get("HOOKMOE_PROGRESS", "auto").lower()
+    if not enabled or mode == "0":
         return False
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return mode == "always" or bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 @contextlib.contextmanager

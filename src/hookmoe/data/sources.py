@@ -151,11 +151,11 @@ def _row_text(row: Any, spec: _HubSpec) -> str:
 def _iter_hub(spec: _HubSpec, shuffle_seed: int | None) -> Iterator[str]:
     from hookmoe.compat import hub_offline_reason
 
+    datasets = _import_datasets()  # a missing package first: its install hint is the more useful line
     reason = hub_offline_reason()
     if reason is not None:  # one line now, not minutes of retries
         raise DataError(f"Hub dataset {spec.dataset} is streamed from the hub, but {reason}; use builtin or a local "
                         "text file or folder.")
-    datasets = _import_datasets()
     yielded = False
     try:
         iterators = []
