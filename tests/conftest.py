@@ -32,3 +32,12 @@ def tiny_models():
 def ids():
     g = torch.Generator().manual_seed(0)
     return torch.randint(2, 259, (2, 16), generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (tiny models: threads cost more than they save; results exact)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

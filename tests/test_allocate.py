@@ -15,12 +15,7 @@ from hookmoe.routing import measure_act
 from hookmoe.search import Scorer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

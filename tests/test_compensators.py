@@ -16,12 +16,7 @@ from hookmoe.training import train_hook
 KINDS = ["hook", "router", "output", "hook+router"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,12 @@
 import json
 
 import pytest
-import torch
 
 from hookmoe.search import frontier as fr
 from hookmoe.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def test_pareto_keeps_only_undominated_points():
