@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from hookmoe.data.sources import _as_int, _file_kind, _open_text, _rng, load_documents
+from hookmoe.data.sources import jsonl_records, _as_int, _file_kind, _open_text, _rng, load_documents
 from hookmoe.data.splits import split_documents
 from hookmoe.errors import DataError
 
@@ -151,15 +151,8 @@ def load_mc(path: str | Path) -> list[MCItem]:
     kind = _file_kind(file)
     items: list[MCItem] = []
     if kind == "jsonl":
-        with _open_text(file) as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{file}, line {number} is not valid JSON ({error.msg}).") from None
-                items.append(_mc_record(record, f"{file}, line {number}"))
+        for number, record in jsonl_records(file):
+            items.append(_mc_record(record, f"{file}, line {number}"))
     elif kind == "json":
         with _open_text(file) as handle:
             try:

@@ -291,15 +291,8 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
         _check_text(text, path)
         yield from (doc.strip() for doc in re.split(r"\n[ \t]*\n", text))
     elif kind == "jsonl":
-        with _open_text(path) as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}, line {number} is not valid JSON ({error.msg}).") from None
-                yield _record_text(record, text_field, f"{path}, line {number}").strip()
+        for number, record in jsonl_records(path):
+            yield _record_text(record, text_field, f"{path}, line {number}").strip()
     elif kind == "json":
         with _open_text(path) as handle:
             try:
@@ -439,3 +432,15 @@ def load_documents(src: str, *, text_field: str = "text", max_docs: int | None =
     if max_docs is None and source.streamed and len(documents) == limit:
         warnings.warn(f"Read the first {limit} documents of '{src}'; pass max_docs to read more or fewer.", stacklevel=2)
     return documents
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for every non-blank line of a JSON-lines file; one line names a bad one."""
+    with _open_text(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number} is not valid JSON ({error.msg}).") from None
