@@ -23,52 +23,71 @@ from typing import Any, Optional
 import torch
 
 from hookmoe.errors import ModelError, UserError
+from hookmoe.options import Options, option
 from hookmoe.files import atomic_dir, atomic_write_text, check_output, to_json
 
 
-@dataclass
-class DemoConfig:
-    model: str = "smollm2"
-    out: str = "demo-out"
-    experts: int = 6  # routed experts per FFN (E + S must divide the FFN size: SmolLM2 1536 = 8 x 192)
-    shared: int = 2  # shared experts per FFN
-    top_k: int = 4  # native k of the converted MoE (2 + 4 of 8 experts = 75% of FFN neurons)
-    reduced_k: int = 3  # the reduced k the Hook compensates
-    tlnle_l: Optional[int] = None  # first layer at k-1 for the TLNLE row (default: upper half)
-    calib_src: str = "builtin"
-    seq_len: int = 512
-    convert_blocks: int = 8
-    router_blocks: int = 16
+@dataclass(kw_only=True)
+class DemoConfig(Options):
+    """``hookmoe demo``: every setting of the offline demo (its flags, ``--config`` keys and API)."""
+
+    model: str = option("smollm2", "smollm2 | gemma3-270m | path/to/dense.gguf | a local dense model directory")
+    out: str = option("demo-out", "report directory")
+    experts: int = option(6, "routed experts per FFN (experts + shared must divide the FFN size: SmolLM2 1536 = "
+                          "8 x 192)", min=1)
+    shared: int = option(2, "shared experts per FFN", min=0)
+    top_k: int = option(4, "native k of the converted MoE (2 + 4 of 8 experts = 75% of FFN neurons)", min=1)
+    reduced_k: int = option(3, "reduced k for the Hook to compensate", min=1)
+    tlnle_l: Optional[int] = option(None, "first layer at k-1 for the TLNLE row (default: the upper half)", min=0)
+    calib_src: str = option("builtin", "text for calibration, training (train split) and evaluation (heldout)")
+    seq_len: int = option(512, "tokens per conversion / router-calibration / evaluation block", min=2)
+    convert_blocks: int = option(8, "blocks that cluster the FFN neurons into experts", min=1)
+    router_blocks: int = option(16, "blocks for router calibration", min=1)
     # router calibration (layer-local, routers only) then a KD fine-tune of the experts with the routers frozen
-    # (benchmarks/results/cmoe_finetune/, SmolLM2, held-out native-k ppl, dense 21.44, training-free 63.89):
-    # 60 calibration steps alone 44.82; + 45 expert steps 34.85; 45 steps of experts only 41.66; 45 steps of
-    # routers + experts together 42.4-49.8 over three runs (the router's straight-through gradient is noisy)
-    router_steps: int = 60
-    finetune_steps: Optional[int] = None  # None: the model's budget (MODEL_BUDGETS)
-    finetune_lr: float = 3e-4
-    finetune_train: str = "experts"  # what the fine-tune trains: moe (routers + experts) | experts | routers
-    finetune_blocks: int = 256  # 256-token blocks, a batch drawn at random each step
-    finetune_seq_len: int = 256
-    finetune_batch: int = 4
-    eval_blocks: Optional[int] = None  # None: the model's budget (MODEL_BUDGETS)
-    hook_layers: Optional[str] = "all"  # "all" (one Hook per MoE layer), a layer "15", "4,15", "12-14"; None: middle
-    # Hook width. None: half an expert's width (SmolLM2: 96), so the 30 Hooks together cost about a third of the
-    # FLOPs of the expert each token drops; 0: the paper's width (2 x expert size for a fine-grained MoE), which
-    # recovered about as much at 4x the parameters and more FLOPs than the dropped expert (benchmarks/results/).
-    hook_inner_size: Optional[int] = None
-    hook_blocks: int = 360  # 360 = 90 steps x batch 4; 32 blocks over-fit (train KL fell, held-out KL did not)
-    hook_seq_len: int = 256
-    val_blocks: int = 4  # hook validation (best-step selection)
-    # per-model step budgets: the most Hook steps that keep the demo within 15 minutes on 2 cores
-    # (runs in benchmarks/results/demo_*/)
-    hook_steps: Optional[int] = None  # None: the model's budget (MODEL_BUDGETS)
-    hook_lr: float = 1e-3
-    hook_objective: str = "kd"
-    save_moe: bool = True  # write the converted (and fine-tuned) MoE to <out>/moe
-    seed: int = 0
-    threads: int = 0
-    progress: bool = True
-    stage_times: dict = field(default_factory=dict)
+    # (benchmarks/results/cmoe_finetune/): calibration alone leaves native k far above dense; + expert steps closes
+    # most of it; routers + experts together were noisier (the router's straight-through gradient)
+    router_steps: int = option(60, "router calibration steps (0 = training-free CMoE)", min=0,
+                               flags=("--calibrate-steps", "--router-steps"))
+    finetune_steps: Optional[int] = option(None, "KD fine-tune steps of the MoE blocks (0 = off; default per model: "
+                                           "MODEL_BUDGETS)", min=0)
+    finetune_lr: float = option(3e-4, "fine-tune learning rate", min=0, min_open=True)
+    finetune_train: str = option("experts", "what the KD fine-tune trains: moe (routers + experts), experts "
+                                 "(routers frozen) or routers", choices=("moe", "experts", "routers"))  # = cmoe FINETUNE_PARTS
+    finetune_blocks: int = option(256, "fine-tune blocks (a batch drawn at random each step)", min=1)
+    finetune_seq_len: int = option(256, "tokens per fine-tune block", min=2)
+    finetune_batch: int = option(4, "fine-tune batch size", min=1)
+    eval_blocks: Optional[int] = option(None, "held-out blocks of --seq-len tokens (default per model: "
+                                        "MODEL_BUDGETS)", min=1)
+    hook_layers: Optional[str] = option("all", "all (one Hook per MoE layer) or layers: 15, 4,15, 12-14",
+                                        flags=("--hook-layers", "--hook-layer"))
+    # None: half an expert's width (SmolLM2: 96), so the 30 Hooks together cost about a third of the FLOPs of the
+    # expert each token drops; 0: the paper's width (2 x expert size for a fine-grained MoE), which recovered about
+    # as much at 4x the parameters and more FLOPs than the dropped expert (benchmarks/results/).
+    hook_inner_size: Optional[int] = option(None, "Hook width (default: half an expert's width; 0 = the paper's)",
+                                            min=0)
+    hook_blocks: int = option(360, "Hook training blocks (360 = 90 steps x batch 4; 32 over-fit)", min=1)
+    hook_seq_len: int = option(256, "tokens per Hook training block", min=2)
+    val_blocks: int = option(4, "Hook validation blocks (best-step selection)", min=1)
+    hook_steps: Optional[int] = option(None, "Hook training steps (default per model: MODEL_BUDGETS)", min=1)
+    hook_lr: float = option(1e-3, "Hook learning rate", min=0, min_open=True)
+    hook_objective: str = option("kd", "Hook training objective", choices=("lm", "kd", "hidden"))
+    save_moe: bool = option(True, "write the converted MoE to <out>/moe (hookmoe.load-able)",
+                            flags=("--save-moe/--no-save-moe",))
+    seed: int = option(0, "random seed")
+    threads: int = option(0, "CPU threads (0 = torch's default)", min=0)
+    progress: bool = option(True, "progress bars")
+    stage_times: dict = field(default_factory=dict)  # filled while running: wall seconds per stage
+
+    def check(self) -> None:
+        if self.top_k > self.experts:
+            raise UserError(f"--top-k ({self.top_k}) cannot exceed --experts ({self.experts})")
+        if not 1 <= self.reduced_k < self.top_k:
+            raise UserError(f"--reduced-k must be between 1 and --top-k minus 1 ({self.top_k - 1}), "
+                            f"got {self.reduced_k}")
+        if self.hook_layers is not None and str(self.hook_layers).strip().lower() != "all":
+            from hookmoe.layerspec import parse_layer_list
+
+            parse_layer_list(self.hook_layers, what="--hook-layers")  # syntax now; the range once the model is loaded
 
 
 # Budgets that keep the demo within 15 minutes on 2 CPU cores, per offline model (any other model gets
@@ -138,33 +157,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     cfg = resolve_budgets(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    for name, least in (("finetune_steps", 0), ("hook_steps", 1), ("eval_blocks", 1)):
-        if getattr(cfg, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(cfg, name)}")
-    if not 1 <= cfg.reduced_k < cfg.top_k:
-        raise UserError(f"--reduced-k must be between 1 and --top-k minus 1 ({cfg.top_k - 1}), got {cfg.reduced_k}")
-    if cfg.hook_inner_size is not None and cfg.hook_inner_size < 0:
-        raise UserError(f"--hook-inner-size must be >= 0, got {cfg.hook_inner_size}")
-    if cfg.finetune_train not in cv.FINETUNE_PARTS:  # checked before minutes of loading and converting
-        raise UserError(f"--finetune-train must be one of {', '.join(cv.FINETUNE_PARTS)}, got '{cfg.finetune_train}'")
-    if cfg.hook_layers is not None and str(cfg.hook_layers).strip().lower() != "all":
-        from hookmoe.hook.inject import parse_layers
-
-        parse_layers(cfg.hook_layers)  # syntax now; the range once the model is loaded
     final = check_output(cfg.out, kind="dir", flag="--out")  # before minutes of work
     gguf = locate_model(cfg.model)  # a missing model package: one line with the command that installs it
-    _check_shape(cfg)
     with atomic_dir(final) as out:  # the report, hook/ and moe/ land together, or not at all
         return _run(cfg, gguf, out)
-
-
-def _check_shape(cfg: DemoConfig) -> None:
-    """Refuse expert counts that cannot work, before minutes of loading and converting."""
-    for name, least in (("experts", 1), ("shared", 0), ("top_k", 1)):
-        if getattr(cfg, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(cfg, name)}")
-    if cfg.top_k > cfg.experts:
-        raise UserError(f"--top-k ({cfg.top_k}) cannot exceed --experts ({cfg.experts})")
 
 
 def _run(cfg: DemoConfig, gguf: Path, out: Path) -> dict:

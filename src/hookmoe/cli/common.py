@@ -32,10 +32,8 @@ console = Console(markup=False)
 err_console = Console(stderr=True, markup=False)
 
 
-MODEL_HELP = "hub id, local directory, .gguf file, tiny:<arch>, or an offline name (smollm2, gemma3-270m)"
-
-
-PLAN_HELP = "native | topk:K | tlnle:k=K,l=L | layers:K0,K1,.. | topp:T | ratio:T | naee[:B] | entropy:ACT | plan.json"
+from hookmoe.models.loading import MODEL_HELP  # noqa: E402  (one definition each, in the library)
+from hookmoe.routing.plan import PLAN_HELP  # noqa: E402
 
 
 def fail(message: str) -> None:
@@ -55,13 +53,25 @@ def progress_bars(enabled: bool):
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
+    gguf_bar = None
     if not enabled:
         hf_logging.disable_progress_bar()
+        try:  # transformers' GGUF loader uses tqdm directly, outside its own switch
+            import functools
+
+            from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+            gguf_bar = gguf_utils.tqdm
+            gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
+        except (ImportError, AttributeError):
+            gguf_utils = None
     try:
         yield
     finally:
         if was_on and not enabled:
             hf_logging.enable_progress_bar()
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar
 
 
 def write_json(obj, path: Optional[Path]) -> None:

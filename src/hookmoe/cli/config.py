@@ -71,9 +71,13 @@ def load_config(path: str, command: Any) -> dict[str, Any]:
     params = {prm.name: prm for prm in command.params}
     aliases = {o.lstrip("-").replace("-", "_"): prm.name for prm in command.params for o in getattr(prm, "opts", [])
                if o.startswith("--")}
+    negated = {o.lstrip("-").replace("-", "_"): prm.name for prm in command.params
+               for o in getattr(prm, "secondary_opts", []) if o.startswith("--")}  # no_progress: true
     values: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).lstrip("-").replace("-", "_")
+        if name in negated and name not in params and isinstance(value, bool):
+            name, value = negated[name], not value
         name = aliases.get(name, name)
         if name not in params or name in _SKIP:
             known = ", ".join(sorted(n for n in aliases if aliases[n] not in _SKIP))

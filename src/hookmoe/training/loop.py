@@ -21,7 +21,7 @@ from hookmoe.hook.artifact import _json_default
 from hookmoe.errors import TrainingError
 from hookmoe.training import distributed
 from hookmoe.training.checkpoint import _blocks_digest, _find_checkpoint, _load_optimizer, _read_checkpoint, _rewrite_log, _save_checkpoint, _set_rng
-from hookmoe.training.config import CHECKPOINT_DIR, DEFAULT_OBJECTIVE, LOG_NAME, PLOT_NAME, TrainConfig, TrainResult, _IDENTITY_KEYS
+from hookmoe.training.config import CHECKPOINT_DIR, LOG_NAME, PLOT_NAME, TrainConfig, TrainResult, TrainSettings, _IDENTITY_KEYS
 from hookmoe.training.losses import hidden_loss, kd_loss, kd_loss_topk, lm_loss
 from hookmoe.report import gap_closed, training_curve
 from hookmoe.training.schedule import lr_at
@@ -222,20 +222,20 @@ def _teacher_topk_cache(mm, blocks, routing, hs, k, temperature, batch_size, amp
 
 
 def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Tensor,
-               val_blocks: torch.Tensor | None = None, objective: str = DEFAULT_OBJECTIVE, steps: int | None = None,
-               epochs: float | None = None, lr: float = 1e-4, batch_size: int = 4, out_dir: str | Path | None = None,
-               resume: bool = False, progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
-               data_info: dict | None = None, kind: str = "hook", budget: Any = None, **options) -> TrainResult:
+               val_blocks: torch.Tensor | None = None, out_dir: str | Path | None = None, resume: bool = False,
+               progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
+               data_info: dict | None = None, **settings) -> TrainResult:
     """Insert Hooks (or another compensator ``kind``) at ``layers`` of ``mm`` and train them (base frozen) under
     routing ``plan``.
 
-    ``kind``: ``hook`` | ``router`` | ``output`` | ``hook+router`` | ... (:mod:`hookmoe.hook.compensators`).
+    ``settings`` are :class:`~hookmoe.training.config.TrainSettings` fields, with its defaults (the same as
+    ``hookmoe train``'s): ``kind`` (``hook`` | ``router`` | ``output`` | ``hook+router`` | ...,
+    :mod:`hookmoe.hook.compensators`), ``budget``, ``objective``, ``steps``, ``epochs``, ``lr``, ``batch_size``,
+    ``init``, ``inner_size``, ``rank``, ``grad_accum``, ``warmup``, ``schedule``, ``max_grad_norm``, ``eval_every``,
+    ``patience``, ``checkpoint_every``, ``kd_temperature``, ``kd_topk``, ``hidden_layer``, ``grad_checkpointing``,
+    ``amp``, ``seed``, ... ``steps`` given: ``epochs`` is not used.
     ``layers="auto"`` picks them from a per-layer sensitivity profile; ``budget="0.5%"`` sizes the Hook width and
     the output rank to keep the added parameters within that share of the model (:mod:`hookmoe.training.budget`).
-
-    ``options`` are further :class:`TrainConfig` fields (``init``, ``inner_size``, ``grad_accum``,
-    ``warmup``, ``schedule``, ``max_grad_norm``, ``eval_every``, ``patience``, ``checkpoint_every``,
-    ``kd_temperature``, ``kd_topk``, ``hidden_layer``, ``grad_checkpointing``, ``amp``, ``seed``, ...).
     With ``out_dir`` the run writes checkpoints, ``train_log.jsonl``, ``loss.png`` and the artifact
     (``hook.safetensors`` + ``hookmoe.json``); ``resume=True`` continues from its checkpoint.
     ``on_step(step, record)`` is called after each optimizer step.
@@ -245,25 +245,24 @@ def train_hook(mm, *, layers: Any, plan: Any = "native", train_blocks: torch.Ten
     the config), gradients are averaged, and only rank 0 writes.
     """
     from hookmoe.routing.plan import Plan
-
-    unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise TypeError(f"train_hook got unknown options: {', '.join(sorted(unknown))}")
     from hookmoe.training.budget import resolve_compensator
 
+    unknown = set(settings) - {f.name for f in dataclasses.fields(TrainSettings)}
+    if unknown:
+        raise TypeError(f"train_hook got unknown options: {', '.join(sorted(unknown))}")
+    s = TrainSettings(**settings)  # defaults filled in, bounds checked, before any work
     plan_obj = Plan.parse(plan)
     world = distributed.current().world
-    layer_list, part_layers, sel = resolve_compensator(mm, kind=kind, layers=layers, budget=budget,
-                                                       blocks=train_blocks, inner_size=options.pop("inner_size", None),
-                                                       rank=options.pop("rank", None))
+    layer_list, part_layers, sel = resolve_compensator(mm, kind=s.kind, layers=layers, budget=s.budget,
+                                                       blocks=train_blocks, inner_size=s.inner_size, rank=s.rank)
     if "sensitivity" in sel:
         data_info = dict(data_info or {}, layer_selection=sel)
-    cfg = TrainConfig(layers=layer_list, plan=plan_obj.to_dict(), objective=objective, steps=steps,
-                      epochs=epochs, lr=lr, batch_size=batch_size * world, kind=kind, inner_size=sel["inner_size"],
-                      rank=sel["rank"], budget=None if budget is None else str(budget),
+    fields = s.to_dict()
+    fields.update(batch_size=s.batch_size * world, inner_size=sel["inner_size"], rank=sel["rank"],
+                  budget=None if s.budget is None else str(s.budget), epochs=None if s.steps else s.epochs)
+    cfg = TrainConfig(layers=layer_list, plan=plan_obj.to_dict(),
                       part_layers=part_layers if any(v != layer_list for v in part_layers.values()) else None,
-                      **options)
-    cfg.validate()
+                      **fields)
     run = HookTraining(mm, cfg, plan_obj, train_blocks, val_blocks, out_dir=out_dir, resume=resume,
                        data_info=data_info)
     return run.fit(progress=progress, on_step=on_step)
