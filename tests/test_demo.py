@@ -46,22 +46,30 @@ def test_demo_runs_every_stage_on_a_local_dense_model(dense_dir, tmp_path):
     assert 3.0 < by["MoE reduced k (TLNLE)"]["act"] < 4.0
     assert all(r["ppl"] > 1.0 for r in result["rows"])
     assert set(result["checks"]) == {"native_within_10pct_of_dense", "native_ffn_active_le_75pct",
-                                     "reduced_ge_15pct_worse_than_native", "hook_recovers_ge_30pct_of_gap"}
+                                     "reduced_ge_15pct_worse_than_native", "hook_recovers_ge_30pct_of_gap",
+                                     "best_at_act_3_within_15pct_of_native"}
     assert result["conversion"]["finetune"]["steps"] == 3
     assert result["conversion"]["finetune"]["train"] == DemoConfig.finetune_train
     assert result["conversion"]["router_calibration"]["steps"] == 2
-    for f in ("report.md", "demo.json", "hook/hookmoe.json", "hook/hook.safetensors", "moe/config.json",
-              "moe/cmoe.json"):
+    for f in ("report.md", "demo.json", "frontier.png", "hook/hookmoe.json", "hook/hook.safetensors",
+              "moe/config.json", "moe/cmoe.json"):
         assert (out / f).is_file(), f
     assert json.loads((out / "demo.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
-    # default: one Hook per MoE layer (measured on SmolLM2: one middle-layer Hook recovered 4.6 %)
+    # default budget: the dp allocator at Act = reduced k (exactly), and at the TLNLE row's Act
+    dp3 = by["MoE dp allocation (Act 3)"]
+    assert dp3["act"] == pytest.approx(3.0) and dp3["plan"].startswith("layers:")
+    assert sum(int(k) for k in dp3["plan"].split(":")[1].split(",")) == 3 * 4
+    tl_act = by["MoE reduced k (TLNLE)"]["act"]
+    assert by[f"MoE dp allocation (Act {tl_act:g})"]["act"] == pytest.approx(tl_act)
+    assert result["sensitivity"]["ks"] == [2, 3] and set(result["sensitivity"]["delta"]) == {"0", "1", "2", "3"}
+    # default: one Hook per MoE layer, trained under the dp plan, sized to 1 % of the model
     assert result["hook"]["layers"] == [0, 1, 2, 3] and result["hook"]["label"] == "Hooks@all 4 layers"
-    # default width: half an expert (128-wide FFN in 8 experts of 16 → 8), recorded in the artifact too
-    assert result["hook"]["inner_size"] == 8
-    assert json.loads((out / "hook" / "hookmoe.json").read_text())["hook"]["inner_size"] == 8
-    assert result["hook"]["params"] == 4 * (2 * 64 * 8 + 1)
-    assert "MoE reduced k + Hooks@all 4 layers" in names
-    assert "Hooks@all 4 layers recover" in (out / "report.md").read_text()
+    w = result["hook"]["inner_size"]
+    assert json.loads((out / "hook" / "hookmoe.json").read_text())["hook"]["inner_size"] == w
+    assert result["hook"]["params"] == 4 * (2 * 64 * w + 1) and result["hook"]["params_pct"] <= 1.0
+    hooked = by["MoE dp (Act 3) + Hooks@all 4 layers"]
+    assert hooked["plan"] == dp3["plan"] and hooked["act"] == pytest.approx(3.0)
+    assert result["method"] == "dp + hook" and "of the perplexity gap" in (out / "report.md").read_text()
     # the saved MoE loads as an MoE and is the fine-tuned one (its cmoe.json carries the fine-tune record)
     mm = hookmoe.load(str(out / "moe"), dtype="float32", device="cpu")
     assert mm.native_top_k == 4 and len(mm.layers) == 4
@@ -82,6 +90,14 @@ def test_demo_rejects_unknown_models_and_bad_k(tmp_path):
         run_demo(DemoConfig(model="smollm2", out=str(tmp_path / "o"), hook_steps=0))
     with pytest.raises(UserError, match="--eval-blocks must be >= 1, got 0"):
         run_demo(DemoConfig(model="gemma3-270m", out=str(tmp_path / "o"), eval_blocks=0))
+    with pytest.raises(UserError, match="unknown --compensator 'lora'"):
+        DemoConfig(compensator="lora")
+    with pytest.raises(UserError, match="bad --hook-budget 'lots'"):
+        DemoConfig(hook_budget="lots")
+    with pytest.raises(UserError, match="--allocator must be one of"):
+        DemoConfig(allocator="best")
+    with pytest.raises(UserError, match="--act 3.5 needs another --allocator"):
+        DemoConfig(allocator="uniform", act=3.5)
 
 
 def test_demo_budgets_default_per_model_and_explicit_values_win():
@@ -108,14 +124,28 @@ def test_demo_refuses_a_bad_hook_layer_before_converting(dense_dir, tmp_path):
 def test_demo_single_hook_layer(dense_dir, tmp_path):
     cfg = DemoConfig(model=str(dense_dir), out=str(tmp_path / "r"), seq_len=32, convert_blocks=4, finetune_steps=0,
                      eval_blocks=2, hook_blocks=8, hook_seq_len=32, hook_steps=2, val_blocks=2, hook_layers="2",
-                     hook_inner_size=0, save_moe=False, threads=1, progress=False)
+                     hook_inner_size=0, save_moe=False, threads=1, progress=False, sens_blocks=2)
     result = run_demo(cfg)
     assert result["hook"]["layers"] == [2] and result["hook"]["label"] == "Hook@2"
     # 0 = the paper's width: twice the expert size (16) for a fine-grained MoE
     assert result["hook"]["inner_size"] == 32
-    assert [r["name"] for r in result["rows"]][-2:] == ["MoE reduced k + Hook@2", "MoE TLNLE + Hook@2"]
-    assert "Hook@2 recovers" in (tmp_path / "r" / "report.md").read_text()
+    tl_act = next(r["act"] for r in result["rows"] if r["name"] == "MoE reduced k (TLNLE)")
+    assert [r["name"] for r in result["rows"]][-2:] == ["MoE dp (Act 3) + Hook@2", f"MoE dp (Act {tl_act:g}) + Hook@2"]
+    assert "dp + hook" in (tmp_path / "r" / "report.md").read_text()
     assert not (tmp_path / "r" / "moe").exists()
+
+
+def test_demo_uniform_allocator_is_the_papers_flow(dense_dir, tmp_path):
+    """--allocator uniform: no sensitivity, the Hook trained under top-(k-1) everywhere."""
+    cfg = DemoConfig(model=str(dense_dir), out=str(tmp_path / "u"), seq_len=32, convert_blocks=4, router_steps=0,
+                     finetune_steps=0, eval_blocks=2, hook_blocks=8, hook_seq_len=32, hook_steps=2, val_blocks=2,
+                     allocator="uniform", save_moe=False, threads=1, progress=False)
+    result = run_demo(cfg)
+    assert result["sensitivity"] is None and result["allocation"] == {}
+    last = result["rows"][-1]
+    assert last["name"] == "MoE uniform (Act 3) + Hooks@all 4 layers" and last["plan"] == "topk:3"
+    assert result["method"] == "uniform + hook"
+    assert "sensitivity + allocation" not in result["stage_times_s"] and "hook training" in result["stage_times_s"]
 
 
 def test_convert_command_end_to_end(dense_dir, tmp_path, capsys):
