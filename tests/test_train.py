@@ -247,9 +247,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(blocks, tmp_path):
 def test_bad_settings_are_user_errors(blocks):
     train, _ = blocks
     mm = fresh()
-    for kw, frag in [(dict(objective="nope"), "unknown objective"), (dict(init="x"), "unknown hook init"),
-                     (dict(lr=-1.0), "lr must be"), (dict(batch_size=64), "fewer than one batch"),
-                     (dict(schedule="step"), "unknown schedule")]:
+    for kw, frag in [(dict(objective="nope"), "--objective must be one of lm, kd, hidden, got 'nope'"),
+                     (dict(init="x"), "--init must be one of zero, paper"),
+                     (dict(lr=-1.0), "--lr must be > 0"), (dict(batch_size=64), "fewer than one batch"),
+                     (dict(schedule="step"), "--schedule must be one of"), (dict(warmup=-1), "--warmup must be >= 0"),
+                     (dict(kind="lora"), "unknown compensator kind"), (dict(budget="lots"), "bad --budget")]:
         args = dict(layers=1, plan="topk:1", train_blocks=train, steps=1, progress=False)
         args.update(kw)
         with pytest.raises(TrainingError, match=frag):
@@ -277,7 +279,7 @@ def test_cli_train_writes_artifact_log_and_plot(tmp_path, capsys):
               "--max-new-tokens", "2", "--device", "cpu"])
     assert e.value.code == 0
     capsys.readouterr()
-    for bad, frag in ((["--layer", "9"], "not an MoE layer"), (["--objective", "xx"], "unknown objective"),
+    for bad, frag in ((["--layer", "9"], "not an MoE layer"), (["--objective", "xx"], "--objective must be one of"),
                       (["--calib", str(tmp_path / "missing.txt")], "")):
         args = ["train", "tiny:mixtral", "--plan", "topk:1", "--layer", "1", "--steps", "1", "--samples", "4",
                 "--seq-len", "32", "--val-samples", "0", "--out", str(tmp_path / "bad"), "--no-progress"]
