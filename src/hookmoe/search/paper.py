@@ -243,17 +243,7 @@ def search(mm, scorer: Scorer, *, hook_plan: Any = None, train_blocks: torch.Ten
     # phase 3: the hook layer
     if s.hook and not exhausted:
         hp = str(hook_plan) if hook_plan is not None else f"topk:{max(1, k_best - 1)}"
-        given = layer_candidates(s.hook_candidates)
-        cands = sorted(set(given if given is not None else mm.moe_layer_indices))
-        for c in cands:
-            mm.layer(c)  # raises for a non-MoE layer
-        if train_fn is None:
-            if train_blocks is None:
-                raise SearchError("choosing the Hook layer needs training blocks (or hook=False)")
-
-            def train_fn(layer: int, plan: Any):  # short runs, judged by the scorer: no validation inside
-                return train_hook_at(mm, layer, plan, train_blocks, None, steps=s.hook_steps, lr=s.hook_lr,
-                                     batch_size=s.hook_batch_size, objective=s.hook_objective, progress=False)
+        cands, train_fn = _hook_trials(mm, s, train_blocks, train_fn)
         try:
             no_hook = point("hook", hp, label=f"{hp} (no hook)")
             result["hook"] = select_hook_layer(mm, scorer, hp, cands, train_fn, base=base, tolerance=tolerance,
@@ -266,6 +256,25 @@ def search(mm, scorer: Scorer, *, hook_plan: Any = None, train_blocks: torch.Ten
     result.update({"evals": used["n"], "budget_exhausted": exhausted, "log": log.entries,
                    "time_s": time.perf_counter() - t0})
     return result
+
+
+def _hook_trials(mm, s: SearchSettings, train_blocks: torch.Tensor | None,
+                 train_fn: Callable | None) -> tuple[list[int], Callable]:
+    """The candidate Hook layers (checked to be MoE layers) and how a candidate is trained."""
+    given = layer_candidates(s.hook_candidates)
+    cands = sorted(set(given if given is not None else mm.moe_layer_indices))
+    for c in cands:
+        mm.layer(c)  # raises for a non-MoE layer
+    if train_fn is not None:
+        return cands, train_fn
+    if train_blocks is None:
+        raise SearchError("choosing the Hook layer needs training blocks (or hook=False)")
+
+    def train(layer: int, plan: Any):  # short runs, judged by the scorer: no validation inside
+        return train_hook_at(mm, layer, plan, train_blocks, None, steps=s.hook_steps, lr=s.hook_lr,
+                             batch_size=s.hook_batch_size, objective=s.hook_objective, progress=False)
+
+    return cands, train
 
 
 def select_hook_layer(mm, scorer: Scorer, plan: Any, candidates: Sequence[int], train_fn: Callable, *,
