@@ -92,7 +92,8 @@ class SearchOptions(SearchSettings, ScoreOptions, LoadOptions):
 
 
 def train_hook_at(mm, layer: int, plan: Any, train_blocks: torch.Tensor, val_blocks: torch.Tensor | None = None, *,
-                  steps: int = 20, lr: float | None = None, batch_size: int = 4, objective: str | None = None,
+                  steps: int = SearchSettings.default("hook_steps"), lr: float | None = None,
+                  batch_size: int = SearchSettings.default("hook_batch_size"), objective: str | None = None,
                   out_dir: str | Path | None = None, progress: bool = False, **kw):
     """Train a Hook at ``layer`` under ``plan`` with :func:`hookmoe.train.train_hook` (its defaults for a
     ``None`` lr / objective); the Hook stays attached to ``mm``. Returns the TrainResult."""
