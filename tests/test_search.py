@@ -276,3 +276,71 @@ def test_cli_bad_input_exits_2(capsys):
         assert e.value.code == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and len(err.splitlines()) == 1, err
+
+
+# ---- options: one dataclass per command ----------------------------------------------------------
+
+
+def _option_classes():
+    from hookmoe.search.compare import CompareOptions
+    from hookmoe.search.frontier import FrontierOptions
+    from hookmoe.search.paper import SearchOptions
+    from hookmoe.search.pipeline import RunOptions
+    from hookmoe.search.sweep import SweepOptions
+
+    return {"sweep": SweepOptions, "search": SearchOptions, "compare": CompareOptions, "run": RunOptions,
+            "frontier": FrontierOptions}
+
+
+@pytest.mark.parametrize("command", ["sweep", "search", "compare", "run", "frontier"])
+def test_search_command_flags_come_from_their_options_dataclass(command, tmp_path, capsys):
+    """Every flag of the command is a field of its dataclass, with the same default; every bound of a field is
+    enforced on the command line as one ``error:`` line naming the flag, before any model is loaded."""
+    import dataclasses
+
+    from typer.main import get_command
+
+    from hookmoe.cli import build_app
+    from hookmoe.options import cli_fields, flag_name
+
+    cls = _option_classes()[command]
+    params = {p.name: p for p in get_command(build_app()).get_command(None, command).params}
+    fields = cli_fields(cls)
+    assert {f.name for f in fields} == set(params) - {"overwrite", "help"}
+    for f in fields:
+        has_default = f.default is not dataclasses.MISSING
+        assert params[f.name].required is not has_default, f.name
+        if has_default:
+            assert params[f.name].default == f.default, f.name
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "--batch-size" in capsys.readouterr().out
+    # the required options, valid; then each bounded field just out of its bounds
+    valid = {"data": "builtin", "calib": "builtin", "act": "1.5", "acts": "1.5", "out": str(tmp_path / "o")}
+    base = [command, "tiny:mixtral", "--device", "cpu"]
+    for f in fields:
+        if f.default is dataclasses.MISSING and not f.metadata.get("positional"):
+            base += [flag_name(f), valid[f.name]]
+    bounded = [f for f in fields if f.metadata.get("min") is not None or f.metadata.get("max") is not None]
+    assert bounded
+    for f in bounded:
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        bad = (lo if f.metadata.get("min_open") else lo - 1) if lo is not None else hi + 1
+        with pytest.raises(SystemExit) as e:
+            main(base + [flag_name(f), str(bad)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, (f.name, err)
+        assert flag_name(f) in err, (f.name, err)
+    # the library function behind the command takes its settings (and their bounds) from the same class
+    from hookmoe.errors import UserError
+    from hookmoe.search.frontier import frontier
+    from hookmoe.search.pipeline import run_pipeline
+
+    library = {"sweep": lambda **kw: se.sweep(None, None, **kw), "search": lambda **kw: se.search(None, None, **kw),
+               "compare": lambda **kw: se.compare(None, None, 1.5, **kw),
+               "run": lambda **kw: run_pipeline(None, out=tmp_path / "r", calib="builtin", **kw),
+               "frontier": lambda **kw: frontier(None, calib_blocks=None, eval_blocks=None, acts=[1.5], **kw)}
+    settings = next(k for k in cls.__mro__[1:] if k.__name__.endswith("Settings"))
+    f = next(f for f in dataclasses.fields(settings) if f.metadata.get("min") is not None)
+    with pytest.raises(UserError, match=flag_name(f)):
+        library[command](**{f.name: f.metadata["min"] - 1})

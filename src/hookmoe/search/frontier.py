@@ -15,15 +15,20 @@ progress) -> dict``: it attaches its modules to ``mm`` (trained for ``plan``) an
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
 from hookmoe.errors import AllocationError
+from hookmoe.models.loading import MODEL_HELP, LoadOptions
+from hookmoe.options import argument, option
 from hookmoe.search.allocators import ALLOCATORS, get_allocator, measure_sensitivity
+from hookmoe.search.scorer import BatchOptions
 from hookmoe.errors import UserError
 from hookmoe.eval.run import evaluate
 from hookmoe.routing.plan import Plan
@@ -148,148 +153,231 @@ def pareto(points: Sequence[dict], higher_is_better: bool = False) -> list[dict]
     return sorted(out, key=lambda p: p["act"])
 
 
+@dataclass(kw_only=True)
+class FrontierSettings(BatchOptions):
+    """The settings of a quality-vs-Act frontier: :func:`frontier`'s keyword arguments (with their defaults).
+    ``allocators`` / ``compensators`` / ``dynamic``: comma-separated names or sequences of names."""
+
+    error: ClassVar[type] = FrontierError
+
+    allocators: str = option(",".join(ALLOCATORS), "allocators: " + ", ".join(ALLOCATORS))
+    compensators: str = option("none,hook", "compensators: " + ", ".join(COMPENSATORS))
+    dynamic: str = option(",".join(DEFAULT_DYNAMIC), "dynamic rules calibrated to each Act: "
+                          + ", ".join(DYNAMIC_RULES) + " (empty: none)")
+    steps: int = option(30, "training steps of every compensator (equal budget)", min=1)
+    param_budget: Optional[int] = option(None, "max parameters a compensator may add (default: Hooks of half an "
+                                         "expert's width)", min=1)
+    lr: float = option(FRONTIER_HOOK_LR, "compensator learning rate", min=0, min_open=True)
+    hook_batch_size: int = option(4, "blocks per compensator training step", min=1, cli=False)
+    uniform: bool = option(True, "also score uniform top-k at each Act (reference rows)", cli=False)
+    compensate: Optional[list[str]] = option(None, "train the compensators other than none for these allocators "
+                                             "only (default: all)", cli=False)
+
+    def check(self) -> None:
+        super().check()
+        self.names()
+
+    def names(self) -> tuple[list[str], list[str], list[str]]:
+        """(allocators, compensators, dynamic rules) as lists of known names."""
+        return (_parse_names(self.allocators, list(ALLOCATORS), "--allocators"),
+                _parse_names(self.compensators, list(COMPENSATORS), "--compensators"),
+                _parse_names(self.dynamic, list(DYNAMIC_RULES), "--dynamic"))
+
+
+@dataclass(kw_only=True)
+class FrontierOptions(FrontierSettings, LoadOptions):
+    """``hookmoe frontier``: the model, the data, the target Acts and the :class:`FrontierSettings`."""
+
+    model: str = argument(MODEL_HELP)
+    calib: str = option(help="calibration text (train split): sensitivity, dynamic-rule calibration and compensator "
+                        "training")
+    data: str = option(help="held-out evaluation text source")
+    acts: str = option(help="target Acts, comma-separated, e.g. 3.0,3.5")
+    out: Path = option(Path("frontier_out"), "output directory (frontier.json/.md/.png)")
+    mc: Optional[str] = option(None, "also report multiple-choice accuracy on this MC data")
+    sensitivity: Optional[Path] = option(None, "reuse a sensitivity JSON (from a previous frontier.json or allocate) "
+                                         "instead of measuring it")
+    block_len: int = option(128, "tokens per block", min=2)
+    n_calib: int = option(8, "calibration blocks (sensitivity, dynamic rules)", min=1)
+    n_train: int = option(32, "compensator training blocks", min=1)
+    n_eval: int = option(16, "held-out evaluation blocks", min=1)
+
+    def check(self) -> None:
+        super().check()
+        parse_acts(self.acts)
+        if self.sensitivity is not None and not self.sensitivity.is_file():
+            raise FrontierError(f"--sensitivity file not found: {self.sensitivity}")
+
+    def read_sensitivity(self) -> dict | None:
+        """The ``--sensitivity`` table (from a frontier.json or an allocate JSON), or None."""
+        if self.sensitivity is None:
+            return None
+        try:
+            sens = json.loads(self.sensitivity.read_text())
+        except json.JSONDecodeError:
+            raise FrontierError(f"--sensitivity {self.sensitivity} is not valid JSON") from None
+        if isinstance(sens, dict) and "sensitivity" in sens and "rows" in sens:
+            sens = sens["sensitivity"]
+        return sens
+
+
+class _Table:
+    """The frontier's rows: held-out scoring (memoised by resolved rules) and the log line of each row."""
+
+    def __init__(self, mm, eval_blocks: torch.Tensor, mc_items: Sequence | None, batch_size: int, console):
+        self.mm, self.eval_blocks, self.mc_items, self.batch_size = mm, eval_blocks, mc_items, batch_size
+        self.console = console
+        self.rows: list[dict] = []
+        self.memo: dict[str, dict] = {}
+
+    def say(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg, highlight=False)
+
+    def score(self, plan: Any) -> dict:
+        """Held-out scores of ``plan``; plans with the same per-layer rules (and no compensator) are scored
+        once (uniform top-3 = TLNLE at Act 3, top-4 = native, ...)."""
+        from hookmoe.eval.scope import hook_signature
+
+        key = ";".join(f"{i}={r.describe()}" for i, r in sorted(Plan.parse(plan).resolve(self.mm).items())) \
+            + "|" + hook_signature(self.mm)
+        if key not in self.memo:
+            r = evaluate(self.mm, plan, metric="ppl", blocks=self.eval_blocks, batch_size=self.batch_size)
+            out = {"ppl": r["score"], "act": r["act"], "params_active": r["params"]["active"],
+                   "act_per_layer": r["act_per_layer"]}
+            if self.mc_items is not None:
+                m = evaluate(self.mm, plan, metric="mc", items=self.mc_items, batch_size=self.batch_size)
+                out["mc_acc"] = m["score"]
+            self.memo[key] = out
+        return dict(self.memo[key])
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if row.get("ppl") is None:
+            self.say(f"  {row['method']:<22} skipped: {row.get('note')}")
+        else:
+            self.say(f"  {row['method']:<22} ppl {row['ppl']:.4f}  Act {row['act']:.3f}  ({row['wall_s']:.1f} s)  "
+                     f"{row.get('plan', '')}")
+
+
 def frontier(mm, *, calib_blocks: torch.Tensor, eval_blocks: torch.Tensor, acts: Sequence[float],
-             allocators: Sequence[str] | None = None, compensators: Sequence[str] = ("none", "hook"),
-             dynamic: Sequence[str] = DEFAULT_DYNAMIC, train_blocks: torch.Tensor | None = None,
-             val_blocks: torch.Tensor | None = None, steps: int = 30, param_budget: int | None = None,
-             lr: float = FRONTIER_HOOK_LR, hook_batch_size: int = 4, mc_items: Sequence | None = None,
-             sensitivity: dict | None = None, batch_size: int = 8, seed: int = 0, uniform: bool = True,
-             compensate: Sequence[str] | None = None, console=None, progress: bool = False) -> dict:
+             train_blocks: torch.Tensor | None = None, val_blocks: torch.Tensor | None = None,
+             mc_items: Sequence | None = None, sensitivity: dict | None = None, console=None,
+             progress: bool = False, **settings) -> dict:
     """Score every allocator x compensator and every dynamic rule at each Act in ``acts``.
 
     ``calib_blocks`` feed the sensitivity measurement (once, shared by every allocator and Act) and the
     calibration of the dynamic rules; ``train_blocks`` (default: ``calib_blocks``) train the compensators,
     each for ``steps`` steps with at most ``param_budget`` added parameters; ``eval_blocks`` are held out.
-    ``compensate`` limits the compensators other than ``none`` to these allocators (default: all).
+    ``settings``: :class:`FrontierSettings` fields, with its defaults (``compensate`` limits the compensators other
+    than ``none`` to these allocators).
     """
     t_all = time.perf_counter()
-    allocators = list(allocators) if allocators is not None else list(ALLOCATORS)
-    for a in allocators:
-        get_allocator(a)
-    comps = _parse_names(list(compensators), list(COMPENSATORS), "compensator(s)")
-    dyn = _parse_names(list(dynamic), list(DYNAMIC_RULES), "dynamic rule(s)")
+    s = FrontierSettings(**settings)
+    allocators, comps, dyn = s.names()
     acts = parse_acts(list(acts), mm)
-    if steps < 1:
-        raise FrontierError(f"--steps must be >= 1, got {steps}")
     tb = train_blocks if train_blocks is not None else calib_blocks
-
-    def say(msg: str) -> None:
-        if console is not None:
-            console.print(msg, highlight=False)
-
-    rows: list[dict] = []
-
-    memo: dict[str, dict] = {}
-
-    def score(plan: Any) -> dict:
-        """Held-out scores of ``plan``; plans with the same per-layer rules (and no compensator) are scored
-        once (uniform top-3 = TLNLE at Act 3, top-4 = native, ...)."""
-        from hookmoe.eval.scope import hook_signature
-
-        key = ";".join(f"{i}={r.describe()}" for i, r in sorted(Plan.parse(plan).resolve(mm).items())) \
-            + "|" + hook_signature(mm)
-        if key not in memo:
-            memo[key] = _score(plan)
-        return dict(memo[key])
-
-    def _score(plan: Any) -> dict:
-        r = evaluate(mm, plan, metric="ppl", blocks=eval_blocks, batch_size=batch_size)
-        out = {"ppl": r["score"], "act": r["act"], "params_active": r["params"]["active"],
-               "act_per_layer": r["act_per_layer"]}
-        if mc_items is not None:
-            m = evaluate(mm, plan, metric="mc", items=mc_items, batch_size=batch_size)
-            out["mc_acc"] = m["score"]
-        return out
-
-    def add(row: dict) -> None:
-        rows.append(row)
-        if row.get("ppl") is None:
-            say(f"  {row['method']:<22} skipped: {row.get('note')}")
-        else:
-            say(f"  {row['method']:<22} ppl {row['ppl']:.4f}  Act {row['act']:.3f}  ({row['wall_s']:.1f} s)  "
-                f"{row.get('plan', '')}")
-
+    table = _Table(mm, eval_blocks, mc_items, s.batch_size, console)
     t = time.perf_counter()
-    native = score("native")
-    add({"target_act": None, "method": "native", "kind": "reference", "allocator": None, "compensator": "none",
-         "plan": "native", **native, "wall_s": time.perf_counter() - t})
+    native = table.score("native")
+    table.add({"target_act": None, "method": "native", "kind": "reference", "allocator": None, "compensator": "none",
+               "plan": "native", **native, "wall_s": time.perf_counter() - t})
     sens_time = 0.0
     need_sens = any(get_allocator(a).needs_sensitivity for a in allocators)
     if need_sens and sensitivity is None:
-        say("measuring per-layer sensitivity on the calibration blocks ...")
+        table.say("measuring per-layer sensitivity on the calibration blocks ...")
         t = time.perf_counter()
-        sensitivity = measure_sensitivity(mm, calib_blocks, batch_size=batch_size, progress=progress)
+        sensitivity = measure_sensitivity(mm, calib_blocks, batch_size=s.batch_size, progress=progress)
         sens_time = time.perf_counter() - t
-        say(f"  {sensitivity['evals']} evaluations in {sens_time:.1f} s")
+        table.say(f"  {sensitivity['evals']} evaluations in {sens_time:.1f} s")
     for act in acts:
-        say(f"Act {act:g}")
-        if uniform:
-            for k in sorted({max(1, math.floor(act + 1e-9)), max(1, math.ceil(act - 1e-9))}):
-                t = time.perf_counter()
-                add({"target_act": act, "method": f"uniform top-{k}", "kind": "reference", "allocator": None,
-                     "compensator": "none", "plan": f"topk:{k}", **score(f"topk:{k}"),
-                     "wall_s": time.perf_counter() - t})
+        table.say(f"Act {act:g}")
+        if s.uniform:
+            _uniform_rows(table, act)
         for a in allocators:
-            alloc = get_allocator(a)
-            t = time.perf_counter()
-            try:
-                if not alloc.needs_sensitivity:  # data-free or fixed-shape: computes what it needs itself
-                    plan = alloc.allocate(mm, target_act=act)
-                else:
-                    plan = alloc.allocate(mm, target_act=act, sensitivity=sensitivity, calib=calib_blocks)
-            except AllocationError as e:
-                add({"target_act": act, "method": a, "kind": "allocator", "allocator": a, "compensator": None,
-                     "plan": None, "ppl": None, "act": None, "note": str(e), "wall_s": time.perf_counter() - t})
-                continue
-            t_alloc = time.perf_counter() - t
-            info = plan.meta.get("allocation", {})
-            for c in comps:
-                if c != "none" and compensate is not None and a not in compensate:
-                    continue
-                t = time.perf_counter()
-                fn = COMPENSATORS[c]
-                handle = None
-                try:
-                    if fn is not None:
-                        handle = fn(mm, plan, tb, steps=steps, param_budget=param_budget, lr=lr,
-                                    batch_size=hook_batch_size, seed=seed, val_blocks=val_blocks, progress=progress)
-                    res = score(plan)
-                finally:
-                    if handle is not None:
-                        handle["remove"]()
-                row = {"target_act": act, "method": a if c == "none" else f"{a} + {c}", "kind": "allocator",
-                       "allocator": a, "compensator": c, "plan": plan.base, "ks": info.get("ks"),
-                       "exact": info.get("exact"), "predicted_cost": info.get("predicted_cost"), **res,
-                       "alloc_s": t_alloc, "wall_s": time.perf_counter() - t + t_alloc}
-                if info.get("note"):
-                    row["note"] = info["note"]
-                if handle is not None:
-                    row.update({"comp_params": handle.get("params"), "comp_steps": handle.get("steps"),
-                                "comp_train_s": handle.get("train_time_s")})
-                add(row)
+            _allocator_rows(table, a, act, comps, s, sensitivity=sensitivity, calib_blocks=calib_blocks,
+                            train_blocks=tb, val_blocks=val_blocks, progress=progress)
         for d in dyn:
-            from hookmoe.routing.calibrate import calibrate_plan
-
-            t = time.perf_counter()
-            start = {"topp": "topp:0.5", "ratio": "ratio:0.5", "naee": "naee", "entropy": f"entropy:{act:g}"}[d]
-            try:
-                plan = calibrate_plan(mm, start, calib_blocks, target_act=act, batch_size=batch_size)
-            except UserError as e:
-                add({"target_act": act, "method": d, "kind": "dynamic", "allocator": None, "compensator": "none",
-                     "plan": None, "ppl": None, "act": None, "note": str(e), "wall_s": time.perf_counter() - t})
-                continue
-            add({"target_act": act, "method": d, "kind": "dynamic", "allocator": None, "compensator": "none",
-                 "plan": plan.describe(), "plan_json": plan.to_dict(), **score(plan),
-                 "wall_s": time.perf_counter() - t})
+            _dynamic_row(table, d, act, calib_blocks, s.batch_size)
+    rows = table.rows
     front = pareto([{"score": r["ppl"], "act": r["act"], "method": r["method"]} for r in rows
                     if r.get("ppl") is not None])
     return {"format": "hookmoe-frontier/1", "model": getattr(mm, "source", None), "arch": mm.arch,
             "native_k": mm.native_top_k, "moe_layers": len(mm.layers), "acts": acts, "allocators": allocators,
-            "compensators": comps, "dynamic": dyn, "steps": steps, "param_budget": param_budget, "lr": lr,
+            "compensators": comps, "dynamic": dyn, "steps": s.steps, "param_budget": s.param_budget, "lr": s.lr,
             "eval_tokens": int(eval_blocks.numel()), "calib_tokens": int(calib_blocks.numel()),
             "train_blocks": int(tb.shape[0]), "native_ppl": native["ppl"], "rows": rows,
             "frontier": [p["method"] + f"@{p['act']:.3f}" for p in front], "sensitivity": sensitivity,
             "sensitivity_time_s": sens_time, "time_s": time.perf_counter() - t_all}
+
+
+def _uniform_rows(table: _Table, act: float) -> None:
+    """The uniform top-k plans around ``act`` (reference rows)."""
+    for k in sorted({max(1, math.floor(act + 1e-9)), max(1, math.ceil(act - 1e-9))}):
+        t = time.perf_counter()
+        table.add({"target_act": act, "method": f"uniform top-{k}", "kind": "reference", "allocator": None,
+                   "compensator": "none", "plan": f"topk:{k}", **table.score(f"topk:{k}"),
+                   "wall_s": time.perf_counter() - t})
+
+
+def _allocator_rows(table: _Table, a: str, act: float, comps: list[str], s: FrontierSettings, *,
+                    sensitivity: dict | None, calib_blocks, train_blocks, val_blocks, progress: bool) -> None:
+    """Allocator ``a``'s plan at ``act``, alone and with each compensator trained for it."""
+    mm = table.mm
+    alloc = get_allocator(a)
+    t = time.perf_counter()
+    try:
+        if not alloc.needs_sensitivity:  # data-free or fixed-shape: computes what it needs itself
+            plan = alloc.allocate(mm, target_act=act)
+        else:
+            plan = alloc.allocate(mm, target_act=act, sensitivity=sensitivity, calib=calib_blocks)
+    except AllocationError as e:
+        table.add({"target_act": act, "method": a, "kind": "allocator", "allocator": a, "compensator": None,
+                   "plan": None, "ppl": None, "act": None, "note": str(e), "wall_s": time.perf_counter() - t})
+        return
+    t_alloc = time.perf_counter() - t
+    info = plan.meta.get("allocation", {})
+    for c in comps:
+        if c != "none" and s.compensate is not None and a not in s.compensate:
+            continue
+        t = time.perf_counter()
+        fn = COMPENSATORS[c]
+        handle = None
+        try:
+            if fn is not None:
+                handle = fn(mm, plan, train_blocks, steps=s.steps, param_budget=s.param_budget, lr=s.lr,
+                            batch_size=s.hook_batch_size, seed=s.seed, val_blocks=val_blocks, progress=progress)
+            res = table.score(plan)
+        finally:
+            if handle is not None:
+                handle["remove"]()
+        row = {"target_act": act, "method": a if c == "none" else f"{a} + {c}", "kind": "allocator",
+               "allocator": a, "compensator": c, "plan": plan.base, "ks": info.get("ks"),
+               "exact": info.get("exact"), "predicted_cost": info.get("predicted_cost"), **res,
+               "alloc_s": t_alloc, "wall_s": time.perf_counter() - t + t_alloc}
+        if info.get("note"):
+            row["note"] = info["note"]
+        if handle is not None:
+            row.update({"comp_params": handle.get("params"), "comp_steps": handle.get("steps"),
+                        "comp_train_s": handle.get("train_time_s")})
+        table.add(row)
+
+
+def _dynamic_row(table: _Table, d: str, act: float, calib_blocks, batch_size: int) -> None:
+    """Dynamic rule ``d`` calibrated to ``act`` on the calibration blocks."""
+    from hookmoe.routing.calibrate import calibrate_plan
+
+    t = time.perf_counter()
+    start = {"topp": "topp:0.5", "ratio": "ratio:0.5", "naee": "naee", "entropy": f"entropy:{act:g}"}[d]
+    try:
+        plan = calibrate_plan(table.mm, start, calib_blocks, target_act=act, batch_size=batch_size)
+    except UserError as e:
+        table.add({"target_act": act, "method": d, "kind": "dynamic", "allocator": None, "compensator": "none",
+                   "plan": None, "ppl": None, "act": None, "note": str(e), "wall_s": time.perf_counter() - t})
+        return
+    table.add({"target_act": act, "method": d, "kind": "dynamic", "allocator": None, "compensator": "none",
+               "plan": plan.describe(), "plan_json": plan.to_dict(), **table.score(plan),
+               "wall_s": time.perf_counter() - t})
 
 
 def best_rows(result: dict) -> dict[str, dict]:

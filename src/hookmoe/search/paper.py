@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
 from hookmoe.eval.run import relative_drop
+from hookmoe.layerspec import parse_layer_list
+from hookmoe.models.loading import MODEL_HELP, LoadOptions
+from hookmoe.options import Options, argument, option
 from hookmoe.routing.plan import Plan
 from hookmoe.errors import SearchError
-from hookmoe.search.scorer import Scorer
+from hookmoe.search.scorer import Scorer, ScoreOptions
 from hookmoe.search.sweep import layer_groups
 
 
@@ -22,10 +25,75 @@ from hookmoe.search.sweep import layer_groups
 QUICK_HOOK_LR = 1e-3
 
 
+def layer_candidates(value: Any, flag: str = "--hook-candidates") -> list[int] | None:
+    """Candidate Hook layers: ``"8-20"`` / ``"1,3"`` (a spec) or a sequence of ints; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_layer_list(value, flag, SearchError)
+    return [int(c) for c in value]
+
+
+@dataclass(kw_only=True)
+class SearchSettings(Options):
+    """The settings of the paper's §3.3 search: :func:`search`'s keyword arguments (with their defaults)."""
+
+    error: ClassVar[type] = SearchError
+
+    tolerance: float = option(0.01, "allowed relative score drop (0.01 = 1%; ppl: relative rise)", min=0)
+    step: Optional[int] = option(None, "layers per step when lowering l (default: L/8)", min=1)
+    max_evals: Optional[int] = option(None, "cap on fresh evaluations (budget)", min=1)
+    hook: bool = option(True, "also choose the Hook layer (trains small hooks)")
+    hook_candidates: Optional[str] = option(None, "candidate Hook layers, e.g. 8-20 (default: all MoE)")
+    hook_steps: int = option(20, "training steps per Hook candidate", min=1)
+    hook_lr: Optional[float] = option(QUICK_HOOK_LR, "Hook learning rate (paper: 1e-4 on far more data)", min=0,
+                                      min_open=True)
+    hook_batch_size: int = option(4, "blocks per Hook training step", min=1, cli=False)
+    hook_objective: Optional[str] = option(None, "Hook training objective (default: hookmoe.train's)", cli=False)
+
+    def check(self) -> None:
+        super().check()
+        layer_candidates(self.hook_candidates)
+
+
+@dataclass(kw_only=True)
+class SearchOptions(SearchSettings, ScoreOptions, LoadOptions):
+    """``hookmoe search``: the model, the scoring (:class:`ScoreOptions`), the :class:`SearchSettings`, the Hook
+    training data, and the per-layer allocator that may replace the §3.3 search."""
+
+    model: str = argument(MODEL_HELP)
+    data: str = option(help="text source scored by perplexity (or MC data with --metric mc)")
+    out: Path = option(Path("plan.json"), "where to write the plan JSON")
+    log: Optional[Path] = option(None, "JSONL log of every evaluated point (default: next to --out)")
+    calib: Optional[str] = option(None, "text source for Hook training (default: --data, train split)")
+    train_blocks: int = option(32, "Hook training blocks per candidate", min=1)
+    allocator: Optional[str] = option(None, "per-layer allocator instead of the §3.3 search: tlnle, greedy, dp, "
+                                      "weights (search/allocators.py); no Hook choice")
+    act: Optional[float] = option(None, "with --allocator: target Act (default: --tolerance)")
+    calib_blocks: int = option(8, "with --allocator: blocks for the sensitivity", min=1)
+
+    def check(self) -> None:
+        super().check()
+        if self.act is not None and self.allocator is None:
+            raise SearchError("--act needs --allocator (the §3.3 search works from --tolerance)")
+        if str(self.out) == "-":
+            raise SearchError("--out must be a file name for the plan JSON")
+
+    def log_path(self) -> Path:
+        """``--log``, else ``<out stem>_log.jsonl`` next to ``--out``."""
+        out = Path(self.out).expanduser()
+        return self.log or out.with_name(out.stem + "_log.jsonl")
+
+    def summary_path(self) -> Path:
+        """``<out stem>_search.json`` next to ``--out``: the search's summary."""
+        out = Path(self.out).expanduser()
+        return out.with_name(out.stem + "_search.json")
+
 
 
 def train_hook_at(mm, layer: int, plan: Any, train_blocks: torch.Tensor, val_blocks: torch.Tensor | None = None, *,
-                  steps: int = 20, lr: float | None = None, batch_size: int = 4, objective: str | None = None,
+                  steps: int = SearchSettings.default("hook_steps"), lr: float | None = None,
+                  batch_size: int = SearchSettings.default("hook_batch_size"), objective: str | None = None,
                   out_dir: str | Path | None = None, progress: bool = False, **kw):
     """Train a Hook at ``layer`` under ``plan`` with :func:`hookmoe.train.train_hook` (its defaults for a
     ``None`` lr / objective); the Hook stays attached to ``mm``. Returns the TrainResult."""
@@ -99,13 +167,12 @@ def tlnle_for_act(mm, act: float) -> str:
     return f"tlnle:k={best[2]},l={best[3]}"
 
 
-def search(mm, scorer: Scorer, *, tolerance: float = 0.01, step: int | None = None, max_evals: int | None = None,
-           hook: bool = True, hook_plan: Any = None, hook_candidates: Sequence[int] | None = None,
-           train_blocks: torch.Tensor | None = None, hook_steps: int = 20,
-           hook_lr: float | None = QUICK_HOOK_LR, hook_batch_size: int = 4, hook_objective: str | None = None,
+def search(mm, scorer: Scorer, *, hook_plan: Any = None, train_blocks: torch.Tensor | None = None,
            train_fn: Callable | None = None, log_path: str | Path | None = None, console=None,
-           progress: bool = False) -> dict:
+           progress: bool = False, **settings) -> dict:
     """The paper's §3.3 search with tolerance ``tolerance`` (relative score drop; perplexity: relative rise).
+    ``settings``: :class:`SearchSettings` fields, with its defaults (``hook_candidates``: a spec like ``"8-20"`` or
+    a sequence of layers).
 
     1. ``k``: lower the uniform top-k from the native k while the drop stays within the tolerance (k >= 1).
     2. ``l``: with ``TLNLE(k, l)`` (k-1 experts from layer l up; needs k >= 2), lower l from the last layer
@@ -118,8 +185,8 @@ def search(mm, scorer: Scorer, *, tolerance: float = 0.01, step: int | None = No
     evaluations (each Hook candidate counts one); when reached the search stops with the best so far.
     ``train_fn(layer, plan)`` replaces the Hook training (it must leave the Hook attached).
     """
-    if not tolerance >= 0 or not math.isfinite(tolerance):
-        raise SearchError(f"tolerance must be a non-negative fraction (0.01 = 1%), got {tolerance}")
+    s = SearchSettings(**settings)
+    tolerance, step, max_evals = s.tolerance, s.step, s.max_evals
     t0 = time.perf_counter()
     log = _Log(log_path, console)
     used = {"n": 0}
@@ -175,19 +242,9 @@ def search(mm, scorer: Scorer, *, tolerance: float = 0.01, step: int | None = No
         "score": best_entry["score"], "drop": best_entry["drop"], "act": best_entry["act"], "hook": None,
     }
     # phase 3: the hook layer
-    if hook and not exhausted:
+    if s.hook and not exhausted:
         hp = str(hook_plan) if hook_plan is not None else f"topk:{max(1, k_best - 1)}"
-        cands = sorted(set(int(c) for c in (hook_candidates if hook_candidates is not None
-                                            else mm.moe_layer_indices)))
-        for c in cands:
-            mm.layer(c)  # raises for a non-MoE layer
-        if train_fn is None:
-            if train_blocks is None:
-                raise SearchError("choosing the Hook layer needs training blocks (or hook=False)")
-
-            def train_fn(layer: int, plan: Any):  # short runs, judged by the scorer: no validation inside
-                return train_hook_at(mm, layer, plan, train_blocks, None, steps=hook_steps, lr=hook_lr,
-                                     batch_size=hook_batch_size, objective=hook_objective, progress=False)
+        cands, train_fn = _hook_trials(mm, s, train_blocks, train_fn)
         try:
             no_hook = point("hook", hp, label=f"{hp} (no hook)")
             result["hook"] = select_hook_layer(mm, scorer, hp, cands, train_fn, base=base, tolerance=tolerance,
@@ -200,6 +257,25 @@ def search(mm, scorer: Scorer, *, tolerance: float = 0.01, step: int | None = No
     result.update({"evals": used["n"], "budget_exhausted": exhausted, "log": log.entries,
                    "time_s": time.perf_counter() - t0})
     return result
+
+
+def _hook_trials(mm, s: SearchSettings, train_blocks: torch.Tensor | None,
+                 train_fn: Callable | None) -> tuple[list[int], Callable]:
+    """The candidate Hook layers (checked to be MoE layers) and how a candidate is trained."""
+    given = layer_candidates(s.hook_candidates)
+    cands = sorted(set(given if given is not None else mm.moe_layer_indices))
+    for c in cands:
+        mm.layer(c)  # raises for a non-MoE layer
+    if train_fn is not None:
+        return cands, train_fn
+    if train_blocks is None:
+        raise SearchError("choosing the Hook layer needs training blocks (or hook=False)")
+
+    def train(layer: int, plan: Any):  # short runs, judged by the scorer: no validation inside
+        return train_hook_at(mm, layer, plan, train_blocks, None, steps=s.hook_steps, lr=s.hook_lr,
+                             batch_size=s.hook_batch_size, objective=s.hook_objective, progress=False)
+
+    return cands, train
 
 
 def select_hook_layer(mm, scorer: Scorer, plan: Any, candidates: Sequence[int], train_fn: Callable, *,

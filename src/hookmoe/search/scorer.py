@@ -2,16 +2,58 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
 from hookmoe.eval.scope import hook_signature
 from hookmoe.errors import EvalError
-from hookmoe.eval.run import evaluate, relative_drop
+from hookmoe.eval.run import METRICS, evaluate, relative_drop
+from hookmoe.options import Options, option
 from hookmoe.routing.plan import Plan
 
 
+@dataclass(kw_only=True)
+class BatchOptions(Options):
+    """Batch size and seed, shared by every search command (``sweep``, ``search``, ``compare``, ``run``,
+    ``frontier``)."""
+
+    batch_size: int = option(8, "blocks (or multiple-choice items) per forward pass when scoring", min=1)
+    seed: int = option(0, "random seed (data sampling, tiny:<arch> weights, Hook initialisation)")
+
+
+@dataclass(kw_only=True)
+class ScoreOptions(BatchOptions):
+    """How ``sweep``, ``search`` and ``compare`` score a plan: one metric on fixed data (a :class:`Scorer`)."""
+
+    error: ClassVar[type] = EvalError
+
+    data: str = option(help="text source (ppl) or MC file / builtin-mc (mc)")
+    metric: str = option("ppl", "ppl | mc | lm-eval", choices=METRICS)
+    tasks: Optional[str] = option(None, "lm-eval tasks (with --metric lm-eval)")
+    include_path: Optional[Path] = option(None, "folder with local lm-eval task YAMLs")
+    limit: Optional[int] = option(None, "lm-eval: examples per task")
+    n_blocks: int = option(16, "scoring blocks (ppl)", min=1)
+    block_len: int = option(256, "tokens per block", min=2)
+    split: str = option("heldout", "split of --data that is scored")
+    n_items: Optional[int] = option(None, "mc: items to score (default: all)")
+
+    def check(self) -> None:
+        super().check()
+        if self.metric == "lm-eval" and not self.tasks:
+            raise EvalError("--metric lm-eval needs --tasks")
+
+    def scorer(self, mm, progress: bool = True) -> "Scorer":
+        """The :class:`Scorer` these options describe, on model ``mm``."""
+        return _scorer_for(mm, self.metric, self.data, n_blocks=self.n_blocks, block_len=self.block_len,
+                           seed=self.seed, split=self.split, batch_size=self.batch_size, tasks=self.tasks,
+                           n_items=self.n_items, progress=progress, include_path=self.include_path, limit=self.limit)
+
+    def train_source(self, calib: Optional[str]) -> str:
+        """Text for calibration / Hook training: ``calib``, else ``--data`` for ppl (its train split), else builtin."""
+        return calib or (self.data if self.metric == "ppl" else "builtin")
 
 
 class Scorer:
@@ -64,7 +106,7 @@ class Scorer:
 def _scorer_for(mm, metric: str, data: str, *, n_blocks: int, block_len: int, seed: int, split: str,
                 batch_size: int, tasks: Any = None, n_items: int | None = None, progress: bool = True,
                 include_path: Any = None, limit: Any = None) -> Scorer:
-    from hookmoe.eval.run import METRICS, _eval_blocks
+    from hookmoe.eval.run import _eval_blocks
     from hookmoe.eval.mc import load_mc_source
 
     if metric not in METRICS:

@@ -6,16 +6,40 @@ from hookmoe import progress as progress_bars
 
 import csv
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Optional
 
 import torch
 
 from hookmoe.eval.scope import finish_result
+from hookmoe.models.loading import MODEL_HELP, LoadOptions
+from hookmoe.options import Options, argument, option
 from hookmoe.routing.patch import eval_mode, routing_scope
 from hookmoe.eval.perplexity import perplexity_core
 from hookmoe.errors import SearchError
 from hookmoe.routing.partial import _batches, run_partial
-from hookmoe.search.scorer import Scorer
+from hookmoe.search.scorer import Scorer, ScoreOptions
+
+
+@dataclass(kw_only=True)
+class SweepSettings(Options):
+    """The settings of a sensitivity sweep: :func:`sweep`'s keyword arguments (with their defaults)."""
+
+    error: ClassVar[type] = SearchError
+
+    group: Optional[int] = option(None, "layers per group (default: 8 groups)", min=1)
+    k: Optional[int] = option(None, "base k (default: native); k-1 runs in layers l..r", min=2)
+    cache: bool = option(True, "ppl: compute the states entering each first reduced layer once (--no-cache: "
+                         "recompute the lower layers for every plan)")
+
+
+@dataclass(kw_only=True)
+class SweepOptions(SweepSettings, ScoreOptions, LoadOptions):
+    """``hookmoe sweep``: the model, the scoring (:class:`ScoreOptions`) and the :class:`SweepSettings`."""
+
+    model: str = argument(MODEL_HELP)
+    out: Path = option(Path("sweep_out"), "output directory (sweep.json, sweep.csv, sweep.png)")
 
 
 def layer_groups(mm, group: int | None = None) -> list[tuple[int, int]]:
@@ -53,15 +77,18 @@ def _row(res: dict, base: dict, scorer: Scorer, extra: dict) -> dict:
             "act_per_layer": res["act_per_layer"], "params_active": res["params"]["active"]}
 
 
-def sweep(mm, scorer: Scorer, *, group: int | None = None, k: int | None = None, cache: bool = True,
-          progress: bool = True) -> dict:
-    """Score every layer-range plan; perplexity reuses the states entering each first reduced layer."""
+def sweep(mm, scorer: Scorer, *, progress: bool = True, **settings) -> dict:
+    """Score every layer-range plan; perplexity reuses the states entering each first reduced layer.
+
+    ``settings``: :class:`SweepSettings` fields (``group``, ``k``, ``cache``), with its defaults."""
     t0 = time.perf_counter()
-    k = int(k or mm.native_top_k)
+    s = SweepSettings(**settings)
+    group = s.group
+    k = int(s.k or mm.native_top_k)
     plans = sweep_plans(mm, group, k)
     base_plan = "native" if k == mm.native_top_k else f"topk:{k}"
     base = scorer(base_plan)
-    use_cache = bool(cache and scorer.metric == "ppl" and not scorer.eval_kw.get("window")
+    use_cache = bool(s.cache and scorer.metric == "ppl" and not scorer.eval_kw.get("window")
                      and not scorer.eval_kw.get("stride"))
     rows = []
     with progress_bars.bar(progress, f"sweep ({len(plans)} plans)", len(plans)) as advance:
