@@ -239,6 +239,7 @@ def test_run_pipeline_cli_end_to_end(tmp_path, capsys):
         assert section in md
     res = json.loads((out / "results.json").read_text())
     assert res["hook"]["layer"] in (1, 2)
+    assert res["allocation"]["allocator"] == "dp"  # the default: the Hook's plan comes from the dp allocator
     ev = res["evals"]
     assert ev["native"]["act"] == 2.0 and ev["reduced + hook"]["hook"]["layers"] == [res["hook"]["layer"]]
     assert ev["reduced (no hook)"]["hook"] is None
