@@ -22,7 +22,7 @@ from hookmoe.models import load_causal_lm
 def main(out: str, model: str = "smollm2") -> None:
     cfg = resolve_budgets(DemoConfig(model=model, progress=False))
     t0 = time.perf_counter()
-    dense, tok = load_causal_lm(str(locate_model(cfg.model, install=False)), dtype="float32", device="cpu")
+    dense, tok = load_causal_lm(str(locate_model(cfg.model)), dtype="float32", device="cpu")
     convert_blocks = make_blocks(tok, cfg.calib_src, cfg.convert_blocks, cfg.seq_len, split="train", seed=cfg.seed,
                                  progress=False)
     router_blocks = make_blocks(tok, cfg.calib_src, cfg.router_blocks, cfg.seq_len, split="train",

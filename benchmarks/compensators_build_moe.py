@@ -16,7 +16,7 @@ from hookmoe.models.loading import load_causal_lm
 out = sys.argv[1]
 cfg = resolve_budgets(DemoConfig())
 t0 = time.perf_counter()
-dense, tok = load_causal_lm(str(locate_model(cfg.model, install=False)), dtype="float32", device="cpu")
+dense, tok = load_causal_lm(str(locate_model(cfg.model)), dtype="float32", device="cpu")
 kw = dict(seed=cfg.seed, progress=False)
 convert_blocks = make_blocks(tok, cfg.calib_src, cfg.convert_blocks, cfg.seq_len, split="train", **kw)
 router_blocks = make_blocks(tok, cfg.calib_src, cfg.router_blocks, cfg.seq_len, split="train", seed=cfg.seed + 1,
