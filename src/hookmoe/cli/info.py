@@ -12,7 +12,7 @@ from typing import Optional
 from hookmoe.models.loading import _DTYPES, DEVICE_HELP, DTYPE_HELP, MODEL_HELP, LoadOptions
 from hookmoe.models.memory import DTYPE_BYTES, MemoryOptions
 from hookmoe.options import argument, option
-from hookmoe.routing.plan import PLAN_HELP
+from hookmoe.routing.plan import PLAN_HELP, Plan
 
 
 @dataclass(kw_only=True)
@@ -37,6 +37,10 @@ class GenerateOptions(LoadOptions):
     hook: Optional[Path] = option(None, "hook artifact directory")
     max_new_tokens: int = option(32, "tokens to generate", min=1)
     as_json: Optional[Path] = option(None, "also write a JSON result here ('-' = stdout)", flags=("--json",))
+
+    def check(self) -> None:
+        if self.plan is not None:
+            Plan.parse(self.plan)  # a malformed plan fails before the model loads
 
 
 def register_cli(app) -> None:

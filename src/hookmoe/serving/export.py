@@ -55,6 +55,10 @@ class ExportOptions(LoadOptions):
     def check(self) -> None:
         if self.hook is None and self.target is None:
             raise ArtifactError("export needs --hook DIR (or --target vllm|transformers for an engine export)")
+        if self.plan is not None:
+            from hookmoe.routing.plan import Plan
+
+            Plan.parse(self.plan)  # a malformed plan fails before the model loads
 
 
 def run_export(o: ExportOptions) -> str:
