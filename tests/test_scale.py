@@ -244,6 +244,7 @@ def test_every_model_loading_command_takes_the_placement_options():
     from hookmoe.cli import build_app
 
     group = get_command(build_app())
-    for name in ("info", "generate", "eval", "sweep", "search", "compare", "run", "train", "export", "bench"):
+    for name in ("info", "generate", "eval", "sweep", "search", "compare", "run", "train", "export", "bench",
+                 "convert"):
         opts = {o for p in group.get_command(None, name).params for o in p.opts}
         assert {"--device-map", "--max-memory", "--offload-folder"} <= opts, name

@@ -1,89 +1,102 @@
-"""``hookmoe info`` (architecture, experts, parameters; ``--memory`` from the config alone) and ``hookmoe generate``."""
+"""``hookmoe info`` (architecture, experts, parameters; ``--memory`` from the config alone) and ``hookmoe generate``.
+
+Their options (:class:`InfoOptions`, :class:`GenerateOptions`) live here: no library function takes them whole
+(``info --memory`` passes :class:`hookmoe.models.memory.MemoryOptions` on to ``estimate_memory``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import typer
-from rich.table import Table
-from hookmoe.cli.common import MODEL_HELP, PLAN_HELP, act_table, console, default_plan, load_model, placement_options
-from hookmoe.cli.common import check_json_out, write_json
+from hookmoe.models.loading import _DTYPES, DEVICE_HELP, DTYPE_HELP, MODEL_HELP, LoadOptions
+from hookmoe.models.memory import DTYPE_BYTES, MemoryOptions
+from hookmoe.options import argument, option
+from hookmoe.routing.plan import PLAN_HELP, Plan
 
+
+@dataclass(kw_only=True)
+class InfoOptions(MemoryOptions, LoadOptions):
+    """``hookmoe info``: the model's shape from its weights, or (``--memory``) its memory from the config alone."""
+
+    model: str = argument(MODEL_HELP)
+    as_json: bool = option(False, "print JSON", flags=("--json",))
+    memory: bool = option(False, "memory estimate from the config alone (no weights)", flags=("--memory",))
+    device: str = option("cpu", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP + " (--memory: auto = bf16; also fp8, int8, int4)",
+                        choices=tuple(dict.fromkeys((*_DTYPES, *DTYPE_BYTES))))
+
+
+@dataclass(kw_only=True)
+class GenerateOptions(LoadOptions):
+    """``hookmoe generate``: greedy text under a routing plan."""
+
+    model: str = argument(MODEL_HELP)
+    prompt: str = option(help="prompt text")
+    plan: Optional[str] = option(None, PLAN_HELP + " (default: the hook's plan, else native)")
+    hook: Optional[Path] = option(None, "hook artifact directory")
+    max_new_tokens: int = option(32, "tokens to generate", min=1)
+    as_json: Optional[Path] = option(None, "also write a JSON result here ('-' = stdout)", flags=("--json",))
+
+    def check(self) -> None:
+        if self.plan is not None:
+            Plan.parse(self.plan)  # a malformed plan fails before the model loads
 
 
 def register_cli(app) -> None:
     """``hookmoe info`` and ``hookmoe generate``."""
+    from hookmoe.cli.common import act_table, check_json_out, console, default_plan, write_json
+    from hookmoe.cli.options import options_command
 
-    @app.command()
-    @placement_options
-    def info(model: str = typer.Argument(..., help=MODEL_HELP),
-             as_json: bool = typer.Option(False, "--json", help="print JSON"),
-             device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-             dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (--memory: auto = bf16; "
-                                       "also fp8, int8, int4)"),
-             memory: bool = typer.Option(False, "--memory", help="memory estimate from the config alone (no weights)"),
-             plan: Optional[str] = typer.Option(None, help="--memory: " + PLAN_HELP + " (default native)"),
-             batch: int = typer.Option(1, help="--memory: sequences per step"),
-             seq_len: int = typer.Option(2048, help="--memory: tokens per sequence"),
-             gpu_memory: float = typer.Option(80.0, help="--memory: GiB per GPU for the device suggestion"),
-             gpus: Optional[int] = typer.Option(None, help="--memory: also check the fit on this many GPUs"),
-             hook_layer: Optional[str] = typer.Option(None, help="--memory: Hook layer(s), e.g. 14 or 14,20 "
-                                                      "(default: the middle MoE layer)")):
+    @options_command(app, "info", InfoOptions)
+    def info(o: InfoOptions) -> None:
         """Architecture, layers, experts, native k, shared experts, total/active parameters (--memory: bytes)."""
-        if memory:  # from the config alone: no weights are loaded
-            from hookmoe.models.memory import estimate_memory, memory_rows, parse_layers
+        from rich.table import Table
 
-            d = estimate_memory(model, dtype="bf16" if dtype == "auto" else dtype, plan=plan, batch=batch,
-                                seq_len=seq_len, hook_layers=parse_layers(hook_layer), gpu_memory_gib=gpu_memory,
-                                devices=gpus)
-            rows = None if as_json else memory_rows(d)
+        if o.memory:  # from the config alone: no weights are loaded
+            from hookmoe.models.memory import estimate_memory, memory_rows
+
+            d = estimate_memory(o.model, dtype="bf16" if o.dtype == "auto" else o.dtype, **o.estimate_kwargs())
+            rows = None if o.as_json else memory_rows(d)
         else:
-            mm = load_model(model, device=device, dtype=dtype)
-            d = mm.info()
+            from hookmoe.hook import load
+
+            d = load(o.model, **o.load_kwargs()).info()
             rows = [(k, f"{v:,}" if isinstance(v, int) and k.startswith("params") else str(v)) for k, v in d.items()]
-        if as_json:
+        if o.as_json:
             write_json(d, None)
             return
-        t = Table(title=f"hookmoe info{' --memory' if memory else ''}: {model}", show_header=False)
+        t = Table(title=f"hookmoe info{' --memory' if o.memory else ''}: {o.model}", show_header=False)
         for k, v in rows:
             t.add_row(k, v)
         console.print(t)
 
-
-    @app.command()
-    @placement_options
-    def generate(model: str = typer.Argument(..., help=MODEL_HELP),
-                 prompt: str = typer.Option(..., help="prompt text"),
-                 plan: Optional[str] = typer.Option(None, help=PLAN_HELP + " (default: the hook's plan, else native)"),
-                 hook: Optional[Path] = typer.Option(None, help="hook artifact directory"),
-                 max_new_tokens: int = typer.Option(32, min=1, help="tokens to generate"),
-                 device: str = typer.Option("auto"),
-                 dtype: str = typer.Option("auto"),
-                 as_json: Optional[Path] = typer.Option(None, "--json", help="also write a JSON result here ('-' = stdout)")):
+    @options_command(app, "generate", GenerateOptions)
+    def generate(o: GenerateOptions) -> None:
         """Generate text (greedy) under a routing plan and print the per-layer Act table."""
         import torch
+        from rich.text import Text
 
-        check_json_out(as_json)
-        mm = load_model(model, hook=hook, device=device, dtype=dtype)
-        with mm.routing(default_plan(mm, plan)) as patch:
-            enc = mm.encode(prompt)
+        from hookmoe.hook import load
+
+        check_json_out(o.as_json)
+        mm = load(o.model, hook=o.hook, **o.load_kwargs())
+        with mm.routing(default_plan(mm, o.plan)) as patch:
+            enc = mm.encode(o.prompt)
             with torch.no_grad():
-                out = mm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                out = mm.model.generate(**enc, max_new_tokens=o.max_new_tokens, do_sample=False,
                                         pad_token_id=mm.tokenizer.pad_token_id)
             new = [i for i in out[0, enc["input_ids"].shape[1]:].tolist() if i < len(mm.tokenizer)]  # a random
             text = mm.tokenizer.decode(new, skip_special_tokens=True)  # model may emit ids past the tokenizer's
             per_layer = patch.stats.act_per_layer()
-            result = {"model": model, "plan": patch.plan.describe(), "prompt": prompt, "text": text,
+            result = {"model": o.model, "plan": patch.plan.describe(), "prompt": o.prompt, "text": text,
                       "act": patch.stats.act(), "act_per_layer": per_layer, "rules": patch.per_layer()}
-        if as_json is not None and str(as_json) == "-":
+        if o.as_json is not None and str(o.as_json) == "-":
             write_json(result, None)
             return
         shown = "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text)
-        from rich.text import Text
-
-        console.print(Text.assemble((prompt, "bold"), shown))
+        console.print(Text.assemble((o.prompt, "bold"), shown))
         console.print(act_table(per_layer, patch.per_layer()))
         console.print(f"overall Act = {result['act']:.3f} (native k = {mm.native_top_k})")
-        if as_json is not None:
-            write_json(result, as_json)
+        if o.as_json is not None:
+            write_json(result, o.as_json)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from hookmoe.models.cmoe import CMoESparseBlock, HookmoeCMoEForCausalLM
 from hookmoe.cmoe.distill import _finish_metrics, _kl_per_token, _only_trainable, heldout_kl
-from hookmoe.cmoe.convert import _decoder_layers
+from hookmoe.cmoe.convert import RANK_TARGETS, ConvertOptions, _decoder_layers
+from hookmoe.models import placement
 
 
 # --------------------------------------------------------------------------------------------------
@@ -29,14 +30,11 @@ def router_parameters(model: HookmoeCMoEForCausalLM) -> list[torch.nn.Parameter]
     return params
 
 
-RANK_TARGETS = ("gain", "norm")
-
-
 FINE_GRAINED_MIN_EXPERTS = 16  # from this many routed experts on, "auto" router calibration ranks by norm
 
 
-def resolve_calibration_target(num_experts: int, rank_target: str = "auto",
-                               mse_weight: float | None = None) -> tuple[str, float]:
+def resolve_calibration_target(num_experts: int, rank_target: str = ConvertOptions.calibrate_target,
+                               mse_weight: float | None = ConvertOptions.calibrate_mse_weight) -> tuple[str, float]:
     """``("auto", None)`` -> the measured best for the shape. Coarse experts (E < 16): ``("gain", 1.0)``.
     Fine-grained (E >= 16): ``("norm", 0.0)``. SmolLM2 at E184 S8 K136, 60 steps, held-out ppl on 8 blocks
     (training-free 49.7): norm ranking-only 32.6, gain ranking-only 44.1; on 16 blocks (training-free 63.7): gain +
@@ -75,7 +73,7 @@ def expert_gains(block: CMoESparseBlock, x: torch.Tensor, routed_target: torch.T
 @torch.no_grad()
 def _gather_layer_data(
     cmoe_model, dense_layers, blocks: torch.LongTensor, batch_size: int, progress: bool, keep_targets: bool = True,
-    rank_target: str = "gain",
+    rank_target: str = "gain", dense_model=None,
 ):
     """Run the MoE model on ``blocks`` and record, per layer, the block inputs ``x``, the routed
     targets ``R = dense_mlp(x) - shared(x)`` and the expert gains (all float32, CPU)."""
@@ -84,10 +82,13 @@ def _gather_layer_data(
 
     def make_hook(i, block):
         dense_mlp = dense_layers[i].mlp
+        # a dispatched dense model: its FFN runs where accelerate placed it (offloaded weights are streamed in by
+        # accelerate's hooks on its linears); the result comes back beside the MoE's activations
+        dense_device = placement.execution_device(dense_model, dense_mlp) if dense_model is not None else None
 
         def hook(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1])
-            routed = dense_mlp(x)
+            routed = dense_mlp(x if dense_device is None else x.to(dense_device)).to(x.device)
             if block.shared_experts is not None:
                 routed = routed - block.shared_experts(x)
             xf, rf = x.float(), routed.float()
@@ -142,11 +143,11 @@ def calibrate_routers(
     batch_size: int = 4,
     tokens_per_step: int = 1024,
     rank_weight: float = 1.0,
-    mse_weight: float | None = None,
+    mse_weight: float | None = ConvertOptions.calibrate_mse_weight,
     refresh_every: int | None = None,
-    rank_target: str = "auto",
+    rank_target: str = ConvertOptions.calibrate_target,
     eval_blocks: torch.LongTensor | None = None,
-    seed: int = 0,
+    seed: int = ConvertOptions.seed,
     progress: bool = True,
 ) -> dict:
     """Train only the routers (rows, bias, logit scale, per-expert output scales) towards the dense model.
@@ -218,7 +219,7 @@ def calibrate_routers(
                 tg = time.perf_counter()
                 data = None
                 data = _gather_layer_data(cmoe_model, dense_layers, blocks, batch_size, False, mse_weight > 0,
-                                          rank_target)
+                                          rank_target, dense_model)
                 gather_s += time.perf_counter() - tg
             loss = 0.0
             if local:

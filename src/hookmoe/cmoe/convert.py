@@ -29,7 +29,10 @@ import json
 import os
 import platform
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -39,6 +42,64 @@ from transformers.activations import ACT2FN
 
 from hookmoe.models.cmoe import SUPPORTED_BASE_TYPES, HookmoeCMoEConfig, HookmoeCMoEForCausalLM, dense_activation_name
 from hookmoe.kernels.cpu_gemm import accelerate, linear
+from hookmoe.models import placement
+from hookmoe.models.loading import DEVICE_HELP, DTYPE_HELP, LoadOptions
+from hookmoe.options import argument, option
+
+
+RANK_TARGETS = ("gain", "norm")  # what router calibration ranks the experts by (hookmoe.cmoe.calibrate)
+
+
+FINETUNE_PARTS = ("moe", "experts", "routers")  # what the KD fine-tune trains (hookmoe.cmoe.distill)
+
+
+@dataclass(kw_only=True)
+class ConvertOptions(LoadOptions):
+    """``hookmoe convert``: a dense model into a CMoE, with optional router calibration and KD fine-tune (run by
+    :func:`hookmoe.cmoe.pipeline.run_convert`). :func:`convert_dense`, :func:`~hookmoe.cmoe.calibrate_routers` and
+    :func:`~hookmoe.cmoe.distill_moe` take their defaults for the same settings from here. The dense model may be
+    placed across devices, CPU and disk (``device_map`` / ``max_memory`` / ``offload_folder``)."""
+
+    error: ClassVar[type] = ConversionError
+
+    dense_model: str = argument("dense llama / qwen2 / gemma3 model: hub id, dir, .gguf, smollm2 or gemma3-270m")
+    experts: int = option(16, "routed experts per FFN", min=1)
+    shared: int = option(2, "shared (always-on) experts per FFN", min=0)
+    top_k: int = option(2, "native k of the converted MoE", min=1)
+    out: Path = option(help="output directory (a normal transformers model dir)")
+    calib: str = option("builtin", "calibration text source")
+    calib_blocks: int = option(8, "blocks for activation profiling", min=1)
+    seq_len: int = option(512, "tokens per block", min=2)
+    calibrate_steps: int = option(0, "router calibration steps against the dense model (0 = off)", min=0)
+    calibrate_target: str = option("auto", "experts the router learns to pick: gain (best fit to the dense FFN), "
+                                   "norm (largest outputs; better for many small experts) or auto (norm from 16 "
+                                   "routed experts on)")
+    calibrate_mse_weight: Optional[float] = option(None, "weight of the routed-output MSE term in router calibration "
+                                                   "(0 = ranking loss only; default: 1 below 16 routed experts, 0 "
+                                                   "from 16 on)", min=0)
+    finetune_steps: int = option(0, "KD fine-tune steps of the MoE blocks against the dense model (0 = off; experts "
+                                 "then no longer sum to the dense FFN)", min=0)
+    finetune_lr: float = option(3e-4, "KD fine-tune learning rate (AdamW, warm-up then cosine)", min=0,
+                                min_open=True)
+    finetune_train: str = option("experts", "what the fine-tune trains: experts (routers frozen; measured best), "
+                                 "moe (routers + experts) or routers", choices=FINETUNE_PARTS)
+    finetune_hidden_weight: float = option(0.0, "add layer-wise hidden-state distillation with this weight (0 = KL "
+                                           "on logits only)", min=0)
+    finetune_blocks: int = option(64, "blocks of fine-tune text", min=1)
+    activation_topk: Optional[int] = option(None, "K_a: neurons marked per token when profiling (default: FFN size "
+                                            "/ 16)", min=1)
+    seed: int = option(0, "random seed (calibration text, clustering, training)")
+    progress: bool = option(True, "progress bars")
+    device: str = option("cpu", DEVICE_HELP + "; the dense model's device (the MoE is built there, or on the CPU "
+                         "when --device-map spreads the dense model)")
+    dtype: str = option("float32", "dtype the dense model is loaded and converted in: " + DTYPE_HELP)
+
+    def check(self) -> None:
+        if self.calibrate_target not in ("auto",) + RANK_TARGETS:  # refused before minutes of loading and converting
+            raise ConversionError(f"--calibrate-target must be auto, {' or '.join(RANK_TARGETS)}; got "
+                                  f"'{self.calibrate_target}'")
+        if self.top_k > self.experts:
+            raise ConversionError(f"--top-k ({self.top_k}) cannot exceed --experts ({self.experts})")
 
 
 # config keys of a loaded dense model that must not travel into the converted model's text_config
@@ -114,6 +175,36 @@ def _check_shapes(config, num_experts: int, num_shared: int, top_k: int, activat
 
 
 @contextmanager
+def _onloaded(module: torch.nn.Module):
+    """While inside, every weight of ``module`` and its submodules is in memory: accelerate keeps the weights of a
+    dispatched model's CPU/disk-offloaded modules on the meta device outside their own forward, and
+    ``accelerate.utils.align_module_device`` loads those of one module (it does not recurse). A no-op for a model
+    that is not dispatched."""
+    hooked = [m for m in module.modules() if getattr(m, "_hf_hook", None) is not None]
+    if not hooked:
+        yield
+        return
+    from accelerate.utils import align_module_device
+
+    with ExitStack() as stack:
+        for m in hooked:
+            stack.enter_context(align_module_device(m))
+        yield
+
+
+def _build_device(model) -> torch.device:
+    """Where the MoE is built: beside the dense model, or, when the dense model is spread over several devices or
+    offloaded, on the CPU."""
+    if placement.is_dispatched(model):
+        places = set(model.hf_device_map.values())
+        if len(places) == 1 and next(iter(places)) not in ("cpu", "disk", "meta"):
+            place = next(iter(places))
+            return torch.device("cuda", place) if isinstance(place, int) else torch.device(place)
+        return torch.device("cpu")
+    return next(model.parameters()).device
+
+
+@contextmanager
 def _no_init():
     try:
         from transformers.initialization import no_init_weights
@@ -145,13 +236,14 @@ def _profile_markers(model, calib_blocks: torch.LongTensor, activation_topk: int
     def make_hook(i, mlp):
         def hook(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            h = act_fn(linear(x, mlp.gate_proj.weight.float())) * linear(x, mlp.up_proj.weight.float())
+            with _onloaded(mlp):  # an offloaded FFN's weights are on the meta device until its own forward
+                h = act_fn(linear(x, mlp.gate_proj.weight.float())) * linear(x, mlp.up_proj.weight.float())
             markers[i].append(h.abs().topk(activation_topk, dim=-1).indices.cpu())
 
         return hook
 
     handles = [mlp.register_forward_pre_hook(make_hook(i, mlp)) for i, mlp in enumerate(mlps)]
-    device = next(model.parameters()).device
+    device = placement.input_device(model)
     try:
         starts = range(0, calib_blocks.shape[0], batch_size)
         for s in progress_bars.iterate(starts, len(starts), "CMoE profile", progress):
@@ -254,13 +346,13 @@ def convert_dense(
     tokenizer=None,
     calib_blocks: torch.LongTensor | None = None,
     *,
-    num_experts: int = 16,
-    num_shared: int = 2,
-    top_k: int = 2,
-    activation_topk: int | None = None,
+    num_experts: int = ConvertOptions.experts,
+    num_shared: int = ConvertOptions.shared,
+    top_k: int = ConvertOptions.top_k,
+    activation_topk: int | None = ConvertOptions.activation_topk,
     kmeans_iters: int = 10,
     batch_size: int = 4,
-    seed: int = 0,
+    seed: int = ConvertOptions.seed,
     progress: bool = True,
 ) -> HookmoeCMoEForCausalLM:
     """Convert a dense llama / qwen2 / gemma3_text causal LM into a CMoE ``HookmoeCMoEForCausalLM``.
@@ -268,7 +360,8 @@ def convert_dense(
     ``calib_blocks`` is a [n_blocks, seq_len] LongTensor of token ids (e.g. 8 x 512). The returned
     model shares nothing with ``model``; it carries ``.cmoe_info`` (a dict: shapes, timings, neuron
     assignment stats) which ``save_converted`` writes to ``cmoe.json``. ``tokenizer`` is only used
-    to record its name.
+    to record its name. ``model`` may be dispatched with accelerate (across devices, CPU and disk): its offloaded
+    weights are read one module at a time, and the MoE is built on the CPU (or on the one GPU it occupies).
     """
     t_start = time.perf_counter()
     config = model.config
@@ -304,49 +397,10 @@ def convert_dense(
         moe_intermediate_size=size,
         hidden_act=dense_activation_name(config),
     )
-    param = next(model.parameters())
     with _no_init():  # every parameter is overwritten below; buffers are copied from the dense model
         moe = HookmoeCMoEForCausalLM(moe_config)
-    moe.to(device=param.device, dtype=param.dtype)
-
-    dense_state = model.state_dict()
-    new_state: dict[str, torch.Tensor] = {}
-    mlp_prefixes = []
-    for i, layer in enumerate(_decoder_layers(model)):
-        mlp = _dense_mlp(layer)
-        wg, wu, wd = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach()
-        shared, experts, reps, _ = assignments[i]
-        p = f"model.layers.{i}.mlp."
-        mlp_prefixes.append(p)
-        idx = torch.stack(experts).to(wg.device)  # [E, I]
-        new_state[p + "experts.gate_up_proj"] = torch.cat([wg[idx], wu[idx]], dim=1)
-        new_state[p + "experts.down_proj"] = wd[:, idx].permute(1, 0, 2).contiguous()
-        rep = torch.tensor(reps, device=wg.device)
-        new_state[p + "gate.weight_gate"] = wg[rep].clone()
-        new_state[p + "gate.weight_up"] = wu[rep].clone()
-        new_state[p + "gate.weight_linear"] = torch.zeros_like(new_state[p + "gate.weight_gate"])
-        new_state[p + "gate.bias"] = torch.zeros(num_experts, dtype=wg.dtype, device=wg.device)
-        new_state[p + "gate.log_logit_scale"] = torch.zeros((), dtype=wg.dtype, device=wg.device)
-        new_state[p + "gate.expert_scale"] = torch.ones(num_experts, dtype=wg.dtype, device=wg.device)
-        if num_shared > 0:
-            sh = shared.to(wg.device)
-            new_state[p + "shared_experts.gate_proj.weight"] = wg[sh].clone()
-            new_state[p + "shared_experts.up_proj.weight"] = wu[sh].clone()
-            new_state[p + "shared_experts.down_proj.weight"] = wd[:, sh].clone()
-    for key, value in dense_state.items():
-        if any(key.startswith(p) for p in mlp_prefixes):
-            continue
-        new_state[key] = value
-    missing, unexpected = moe.load_state_dict(new_state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and moe_config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"CMoE weight transfer mismatch: missing={missing[:8]} unexpected={unexpected[:8]}")
-    # non-persistent buffers (RoPE tables, embedding scales) come from the dense model as they are
-    moe_buffers = dict(moe.named_buffers())
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name in moe_buffers and moe_buffers[name].shape == buf.shape:
-                moe_buffers[name].copy_(buf)
+    moe.to(device=_build_device(model), dtype=placement.model_dtype(model))
+    _transfer_weights(model, moe, assignments, num_shared)
     if moe_config.tie_word_embeddings:
         moe.tie_weights()
     moe.generation_config = copy.deepcopy(model.generation_config)
@@ -393,6 +447,73 @@ def convert_dense(
     }
     accelerate(moe)  # on the CPU: its linears on the faster kernel, as for every model hookmoe loads
     return moe
+
+
+def _expert_weights(mlp, assignment, num_experts: int, num_shared: int) -> dict[str, torch.Tensor]:
+    """One FFN's tensors in the MoE block (names relative to ``model.layers.i.mlp.``): routed experts, router rows
+    from the representative neurons, shared experts. The FFN's weights must be in memory (:func:`_onloaded`)."""
+    wg, wu, wd = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach()
+    shared, experts, reps, _ = assignment
+    idx = torch.stack(experts).to(wg.device)  # [E, I]
+    rep = torch.tensor(reps, device=wg.device)
+    out = {
+        "experts.gate_up_proj": torch.cat([wg[idx], wu[idx]], dim=1),
+        "experts.down_proj": wd[:, idx].permute(1, 0, 2).contiguous(),
+        "gate.weight_gate": wg[rep],
+        "gate.weight_up": wu[rep],
+        "gate.weight_linear": torch.zeros_like(wg[rep]),
+        "gate.bias": torch.zeros(num_experts, dtype=wg.dtype, device=wg.device),
+        "gate.log_logit_scale": torch.zeros((), dtype=wg.dtype, device=wg.device),
+        "gate.expert_scale": torch.ones(num_experts, dtype=wg.dtype, device=wg.device),
+    }
+    if num_shared > 0:
+        sh = shared.to(wg.device)
+        out["shared_experts.gate_proj.weight"] = wg[sh]
+        out["shared_experts.up_proj.weight"] = wu[sh]
+        out["shared_experts.down_proj.weight"] = wd[:, sh]
+    return out
+
+
+@torch.no_grad()
+def _transfer_weights(model, moe, assignments, num_shared: int) -> None:
+    """Copy the dense weights into ``moe``: each FFN as its experts, router and shared experts, every other
+    parameter and buffer (attention, norms, embeddings, RoPE tables) as it is. A dispatched model's offloaded weights
+    are in memory one module at a time."""
+    target = dict(moe.named_parameters(remove_duplicate=False))
+    target.update(dict(moe.named_buffers(remove_duplicate=False)))
+    expected = set(moe.state_dict())
+    done: set[str] = set()
+    num_experts = moe.config.num_experts
+    mlp_names = set()
+    for i, layer in enumerate(_decoder_layers(model)):
+        mlp = _dense_mlp(layer)
+        prefix = f"model.layers.{i}.mlp."
+        mlp_names.add(prefix[:-1])
+        with _onloaded(mlp):
+            for name, value in _expert_weights(mlp, assignments[i], num_experts, num_shared).items():
+                target[prefix + name].copy_(value)
+                done.add(prefix + name)
+    unexpected = []
+    persistent = set(model.state_dict())
+    for mod_name, module in model.named_modules():
+        if any(mod_name == m or mod_name.startswith(m + ".") for m in mlp_names):
+            continue
+        own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+        if not own:
+            continue
+        with _onloaded(module):
+            tensors = dict(module.named_parameters(recurse=False))
+            tensors.update(dict(module.named_buffers(recurse=False)))
+            for n, value in tensors.items():
+                key = f"{mod_name}.{n}" if mod_name else n
+                if key in target and target[key].shape == value.shape:
+                    target[key].copy_(value)
+                    done.add(key)
+                elif key in persistent:
+                    unexpected.append(key)
+    missing = [k for k in sorted(expected - done) if not (k == "lm_head.weight" and moe.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"CMoE weight transfer mismatch: missing={missing[:8]} unexpected={unexpected[:8]}")
 
 
 def save_converted(model: HookmoeCMoEForCausalLM, tokenizer, out_dir: str | os.PathLike) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hookmoe.cmoe.convert import FINETUNE_PARTS, ConvertOptions
 from hookmoe.models.cmoe import HookmoeCMoEForCausalLM
 
 
@@ -84,9 +85,6 @@ def _finish_metrics(metrics: dict, losses: list[float], cmoe_model, dense_model,
 # --------------------------------------------------------------------------------------------------
 # expert fine-tuning (knowledge distillation from the dense model)
 # --------------------------------------------------------------------------------------------------
-FINETUNE_PARTS = ("moe", "experts", "routers")
-
-
 def finetune_parameters(model: HookmoeCMoEForCausalLM, train: str = "moe") -> list[torch.nn.Parameter]:
     """Parameters trained by :func:`distill_moe`: ``"moe"`` every MoE-block parameter (routers,
     routed and shared experts), ``"experts"`` the routed and shared experts only, ``"routers"`` the
@@ -116,14 +114,14 @@ def distill_moe(
     train_blocks: torch.LongTensor,
     *,
     steps: int = 60,
-    lr: float = 3e-4,
+    lr: float = ConvertOptions.finetune_lr,
     batch_size: int = 4,
-    train: str = "experts",
+    train: str = ConvertOptions.finetune_train,
     max_grad_norm: float = 1.0,
-    hidden_weight: float = 0.0,
+    hidden_weight: float = ConvertOptions.finetune_hidden_weight,
     eval_blocks: torch.LongTensor | None = None,
     eval_every: int = 0,
-    seed: int = 0,
+    seed: int = ConvertOptions.seed,
     progress: bool = True,
 ) -> dict:
     """Fine-tune the converted MoE at its native k towards the dense model (CMoE's optional fine-tune).

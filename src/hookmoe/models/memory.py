@@ -63,12 +63,15 @@ from __future__ import annotations
 from hookmoe.layerspec import parse_layer_list
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from hookmoe.errors import ModelError, UserError
+from hookmoe.options import Options, option
+from hookmoe.routing.plan import PLAN_HELP
 
 GIB = 1024 ** 3
 
@@ -274,19 +277,41 @@ def _devices(need: float, runtime: float, gpu: float, usable: float, devices: in
     return out
 
 
-def estimate_memory(model: Any, *, dtype: str | torch.dtype | None = "bf16", plan: Any = None, batch: int = 1,
-                    seq_len: int = 2048, hook_layers: list[int] | None = None, hook_hidden: int | None = None,
-                    objective: str = "kd", grad_checkpointing: bool = False, gpu_memory_gib: float = 80.0,
-                    usable: float = 0.9, activation_dtype: str | None = None, devices: int | None = None) -> dict:
+@dataclass(kw_only=True)
+class MemoryOptions(Options):
+    """The run a memory estimate is for (``hookmoe info --memory``; :func:`estimate_memory` takes its defaults and
+    bounds from here)."""
+
+    error: ClassVar[type] = MemoryError_
+
+    plan: Optional[str] = option(None, "--memory: " + PLAN_HELP + " (default native)")
+    batch: int = option(1, "--memory: sequences per step", min=1)
+    seq_len: int = option(2048, "--memory: tokens per sequence", min=1)
+    gpu_memory: float = option(80.0, "--memory: GiB per GPU for the device suggestion", min=0, min_open=True)
+    gpus: Optional[int] = option(None, "--memory: also check the fit on this many GPUs", min=1)
+    hook_layer: Optional[str] = option(None, "--memory: Hook layer(s), e.g. 14 or 14,20 (default: the middle MoE "
+                                       "layer)")
+
+    def check(self) -> None:
+        parse_layers(self.hook_layer)  # syntax now; the range once the model's shape is known
+
+    def estimate_kwargs(self) -> dict:
+        """These settings as :func:`estimate_memory` keyword arguments."""
+        return {"plan": self.plan, "batch": self.batch, "seq_len": self.seq_len,
+                "hook_layers": parse_layers(self.hook_layer), "gpu_memory_gib": self.gpu_memory,
+                "devices": self.gpus}
+
+
+def estimate_memory(model: Any, *, dtype: str | torch.dtype | None = "bf16", plan: Any = MemoryOptions.plan,
+                    batch: int = MemoryOptions.batch, seq_len: int = MemoryOptions.seq_len,
+                    hook_layers: list[int] | None = None, hook_hidden: int | None = None, objective: str = "kd",
+                    grad_checkpointing: bool = False, gpu_memory_gib: float = MemoryOptions.gpu_memory,
+                    usable: float = 0.9, activation_dtype: str | None = None,
+                    devices: int | None = MemoryOptions.gpus) -> dict:
     """Memory of ``model`` (a spec, a config or a loaded model) from shapes only; see the module docstring."""
     from hookmoe.models.accounting import param_counts
 
-    if batch < 1 or seq_len < 1:
-        raise MemoryError_("--batch and --seq-len must be at least 1")
-    if gpu_memory_gib <= 0:
-        raise MemoryError_("--gpu-memory must be a positive number of GiB")
-    if devices is not None and devices < 1:
-        raise MemoryError_("--gpus must be at least 1")
+    MemoryOptions(batch=batch, seq_len=seq_len, gpu_memory=gpu_memory_gib, gpus=devices)  # bounds, named by flag
     if objective not in ("kd", "lm", "hidden"):
         raise MemoryError_(f"unknown objective '{objective}' (use kd, lm or hidden)")
     mm = skeleton(model)

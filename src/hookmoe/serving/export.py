@@ -24,13 +24,63 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Optional
 
 from hookmoe.errors import ArtifactError, ModelError, UserError
 from hookmoe.files import check_output, replace_dir, write_json
+from hookmoe.models.loading import DEVICE_HELP, MODEL_HELP, LoadOptions
+from hookmoe.options import argument, option
+from hookmoe.routing.plan import PLAN_HELP
 from hookmoe.serving.spec import ARCH_PREFIX, ENGINE_KEY, EXPORT_NAME, NOT_SERVED, VLLM_ARCHS
 
 TARGETS = ("vllm", "transformers")
+
+
+@dataclass(kw_only=True)
+class ExportOptions(LoadOptions):
+    """``hookmoe export``: MODEL + Hook + plan into one directory (:func:`hookmoe.hook.export_model`), or, with
+    ``target``, a checkpoint for an engine (:func:`export_for_engine`); run by :func:`run_export`."""
+
+    error: ClassVar[type] = ArtifactError
+
+    model: str = argument(MODEL_HELP)
+    hook: Optional[Path] = option(None, "hook artifact directory (from `hookmoe train`)")
+    out: Path = option(help="output directory")
+    plan: Optional[str] = option(None, PLAN_HELP + " (default: the plan the hook was trained for)")
+    target: Optional[str] = option(None, "vllm | transformers: an engine-ready export (a plain checkpoint for a "
+                                   "uniform topk:K without --hook; see docs/serving.md)", choices=TARGETS)
+    device: str = option("cpu", DEVICE_HELP)
+    seed: int = option(0, "seed for tiny:<arch> models")
+
+    def check(self) -> None:
+        if self.hook is None and self.target is None:
+            raise ArtifactError("export needs --hook DIR (or --target vllm|transformers for an engine export)")
+        if self.plan is not None:
+            from hookmoe.routing.plan import Plan
+
+            Plan.parse(self.plan)  # a malformed plan fails before the model loads
+
+
+def run_export(o: ExportOptions) -> str:
+    """``hookmoe export``: refuse a bad ``--out`` or artifact before the model loads, load it, write the export;
+    returns the line that says what was written where."""
+    from hookmoe.hook import load
+    from hookmoe.hook.artifact import _check_compat, read_manifest
+    from hookmoe.hook.export import export_model
+    from hookmoe.routing.plan import Plan
+
+    check_output(o.out, kind="dir", flag="--out")
+    m = read_manifest(o.hook) if o.hook is not None else None  # a bad artifact fails before the model loads
+    mm = load(o.model, seed=o.seed, **o.load_kwargs())
+    if o.target is not None:
+        r = export_for_engine(mm, o.out, plan=o.plan, hook=o.hook, target=o.target)
+        return (f"exported {o.model} ({r.format} checkpoint for {r.target}: {', '.join(r.architectures)}; plan "
+                f"{r.plan}; hooks {r.hook_layers or 'none'}) to {r.path}")
+    _check_compat(mm, m, o.hook, strict=True)
+    path = export_model(mm, o.out, plan=o.plan, hook=o.hook)
+    p = Plan.parse(o.plan).describe() if o.plan else (Plan.from_dict(m["plan"]).describe() if m.get("plan")
+                                                       else "native")
+    return f"exported {o.model} + hook {o.hook} (layers {m['_layers']}) + plan {p} to {path}"
 
 
 @dataclass

@@ -40,13 +40,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
 from hookmoe.errors import BenchError
 from hookmoe.machine import machine_info
+from hookmoe.models.loading import MODEL_HELP, LoadOptions
+from hookmoe.options import Options, argument, option
+from hookmoe.routing.plan import PLAN_HELP
 from hookmoe.speed.cost import cost_model, kv_bytes_per_step, prefill_flops
+from hookmoe.speed.shapes import PRESETS, random_model
 
 
 BENCH_FORMAT = "hookmoe-bench/1"
@@ -184,36 +188,144 @@ def _stats(xs: list[float]) -> dict:
             "q25": q(0.25), "q75": q(0.75), "n": n}
 
 
-@dataclass
-class BenchConfig:
-    lengths: tuple[int, ...] = DEFAULT_LENGTHS  # TTFT prompt lengths (empty: no TTFT)
-    new_tokens: int = 256  # ITL run (0: no ITL)
-    itl_prompt: int = 128
-    batch_size: int = 1
-    repeats: int = 5
-    warmup: int = 1
-    compile: Any = "auto"
-    clock: str = "wall"  # wall | cpu (process CPU time; one thread, CPU only)
-    act: float | None = None  # calibrate dynamic plans to this Act
-    seed: int = 0
-    check_outputs: bool = True
-    decode_tokens: str = "greedy"  # greedy | random: what the ITL decode steps are fed (see module docstring)
+RUNTIMES = {"fast": ("fast",), "reference": ("reference",), "both": ("fast", "reference")}
+
+
+def _lengths_text(value: Any) -> str:
+    """``--lengths`` as canonical text (``"1024,2048"``, ``"none"``) from text or a sequence of whole numbers."""
+    if isinstance(value, str):
+        text = value.replace(" ", "")
+        if text.lower() in ("", "none", "0"):
+            return "none"
+        try:
+            vals = [int(x) for x in text.split(",") if x]
+        except ValueError:
+            raise BenchError(f"--lengths must be comma-separated whole numbers (or none), got '{value}'") from None
+    else:
+        vals = [int(v) for v in value]
+        if not vals:
+            return "none"
+    if any(v < 1 for v in vals):
+        raise BenchError(f"--lengths must be positive whole numbers, got '{value}'")
+    return ",".join(map(str, vals))
+
+
+@dataclass(kw_only=True)
+class BenchConfig(Options):
+    """What :func:`bench` measures and how (one source for its keyword arguments and ``hookmoe bench``'s flags)."""
+
+    error: ClassVar[type] = BenchError
+
+    lengths: str = option(DEFAULT_LENGTHS_TEXT, "TTFT prompt lengths (comma-separated; none = ITL only; the API "
+                          "also takes a sequence of whole numbers)")
+    new_tokens: int = option(256, "new tokens for ITL (0 = TTFT only; ITL needs at least 2)", min=0)
+    itl_prompt: int = option(128, "prompt length for the ITL run", min=1)
+    batch_size: int = option(1, "sequences per batch", min=1)
+    repeats: int = option(5, "interleaved timed repeats", min=1)
+    warmup: int = option(1, "warm-up passes per variant", min=0)
+    compile: str = option("auto", "torch.compile the decode step: auto (on CUDA) | on | off (the API also takes "
+                          "True / False)", choices=("auto", "on", "off"))
+    clock: str = option("wall", "wall | cpu (process CPU time, needs --threads 1: excludes preemption on a shared "
+                        "machine)", choices=("wall", "cpu"))
+    act: Optional[float] = option(None, "calibrate dynamic plans to this Act first", min=0, min_open=True)
+    seed: int = option(0, "random seed (prompt tokens, tiny:<arch> and random weights)")
+    check_outputs: bool = option(True, "check the fast runtime's greedy tokens against the reference path",
+                                 flags=("--check/--no-check",))
+    decode_tokens: Optional[str] = option(None, "greedy | random: what the ITL decode steps are fed (default: random "
+                                          "for random-weight models, whose greedy outputs repeat; greedy otherwise)",
+                                          choices=("greedy", "random"))
+
+    def check(self) -> None:
+        self.lengths = _lengths_text(self.lengths)
+        if isinstance(self.compile, bool):
+            self.compile = "on" if self.compile else "off"
+        if self.new_tokens == 1:
+            raise BenchError(f"--new-tokens must be >= 2 (ITL needs two tokens) or 0 (no ITL), got {self.new_tokens}")
+        if not self.prompt_lengths and not self.new_tokens:
+            raise BenchError("nothing to measure: give prompt lengths (TTFT) or --new-tokens (ITL)")
 
     def validate(self) -> None:
-        if any(int(t) < 1 for t in self.lengths):
-            raise BenchError("prompt lengths must be positive integers")
-        if self.new_tokens == 1 or self.new_tokens < 0:
-            raise BenchError(f"--new-tokens must be >= 2 (ITL needs two tokens) or 0 (no ITL), got {self.new_tokens}")
-        if not self.lengths and not self.new_tokens:
-            raise BenchError("nothing to measure: give prompt lengths (TTFT) or --new-tokens (ITL)")
-        if self.itl_prompt < 1 or self.batch_size < 1 or self.repeats < 1 or self.warmup < 0:
-            raise BenchError("--itl-prompt, --batch-size and --repeats must be >= 1 and --warmup >= 0")
-        if self.clock not in ("wall", "cpu"):
-            raise BenchError(f"--clock must be wall or cpu, got '{self.clock}'")
-        if self.decode_tokens not in ("greedy", "random"):
-            raise BenchError(f"--decode-tokens must be greedy or random, got '{self.decode_tokens}'")
+        """Check every setting again (after a field was changed in place)."""
+        self.__post_init__()
+
+    @property
+    def prompt_lengths(self) -> tuple[int, ...]:
+        return () if self.lengths == "none" else tuple(int(x) for x in self.lengths.split(","))
+
+    @property
+    def compile_mode(self) -> Any:
+        """``compile`` as :class:`~hookmoe.speed.runtime.Runtime` takes it: "auto", True or False."""
+        return {"auto": "auto", "on": True, "off": False}[self.compile]
 
 
+@dataclass(kw_only=True)
+class BenchOptions(BenchConfig, LoadOptions):
+    """``hookmoe bench``: the model (loaded, or built with random weights), the variants, and the
+    :class:`BenchConfig` (run by :func:`run_bench`)."""
+
+    model: str = argument(MODEL_HELP + "; with --random-weights also a preset: " + ", ".join(PRESETS))
+    plan: Optional[list[str]] = option(None, PLAN_HELP + " (repeat; the first is the base; PLAN@HOOK adds a hook; "
+                                       "default: native and topk:1)", flags=("--plan",))
+    hook: Optional[list[str]] = option(None, "hook directory or random[:LAYER] (repeat); each is added to every "
+                                       "plan after the first", flags=("--hook",))
+    random_weights: bool = option(False, "build the model from its config (or preset) with random weights",
+                                  flags=("--random-weights",))
+    layers: Optional[int] = option(None, "with --random-weights: decoder layers", min=1)
+    scale: float = option(1.0, "with --random-weights: divide hidden/intermediate/vocab sizes and heads by this",
+                          min=0, min_open=True)
+    runtime: str = option("fast", "fast (hookmoe runtime) | reference (stock transformers generate) | both",
+                          choices=tuple(RUNTIMES))
+    threads: Optional[int] = option(None, "CPU threads (torch.set_num_threads)", min=1)
+    as_json: Optional[Path] = option(None, "write the results JSON here ('-' = stdout)", flags=("--json",))
+    plot_path: Optional[Path] = option(None, "bar plot PNG (default: next to --json)", flags=("--plot",))
+    progress: bool = option(True, "progress bars")
+
+    def check(self) -> None:
+        super().check()
+        name = self.model.split(":", 1)[1] if self.model.startswith("preset:") else self.model
+        if not self.random_weights and (name in PRESETS or self.model.startswith("preset:")):
+            raise BenchError(f"'{self.model}' is a random-weight preset: add --random-weights")
+        if not self.random_weights and (self.layers is not None or self.scale != 1.0):
+            raise BenchError("--layers and --scale need --random-weights")
+
+
+def run_bench(o: BenchOptions, *, progress: bool = True, note: Callable[[str], None] | None = None) -> dict:
+    """``hookmoe bench``: load (or build) ``o.model``, benchmark the variants of ``o.plan`` x ``o.hook`` x
+    ``o.runtime`` with :func:`bench`; ``note`` is told what changed and when timings may be unreliable."""
+    if o.threads is not None:
+        torch.set_num_threads(o.threads)
+    if o.random_weights:
+        mm = random_model(o.model, scale=o.scale, layers=o.layers, device=o.device, dtype=o.dtype, seed=o.seed)
+        mm.random_weights = True
+    else:
+        from hookmoe.hook import load
+
+        mm = load(o.model, seed=o.seed, **o.load_kwargs())
+    variants = parse_variants(o.plan or [], o.hook or [], RUNTIMES[o.runtime])
+    res = bench(mm, variants, o, progress=progress, note=note)
+    busy = _busy_note(mm, o.clock)
+    if busy and note is not None:
+        note(busy)
+    res["model"]["random_weights"] = _random_weights(mm)
+    res["model"]["scale"], res["model"]["layers_arg"] = o.scale, o.layers
+    return res
+
+
+def _random_weights(mm) -> bool:
+    """Random weights (``--random-weights``, ``tiny:<arch>``): greedy decoding repeats one token there."""
+    return bool(getattr(mm, "random_weights", False)) or str(getattr(mm, "source", "")).startswith("tiny:")
+
+
+def _fit_lengths(mm, cfg: BenchConfig) -> tuple[list[int], str | None]:
+    """The TTFT prompt lengths; the default ones shrunk to fit a model with few positions (and a note saying so)."""
+    lengths = list(cfg.prompt_lengths)
+    maxpos = _max_positions(mm)
+    if cfg.lengths != DEFAULT_LENGTHS_TEXT or maxpos is None or max(DEFAULT_LENGTHS) < maxpos:
+        return lengths, None
+    fit = sorted({max(8, maxpos // d) for d in (8, 4, 2)})
+    text = ",".join(map(str, fit))
+    return fit, f"this model takes at most {maxpos} positions: TTFT prompt lengths {text} instead of " \
+        f"{DEFAULT_LENGTHS_TEXT}"
 
 
 def _max_positions(mm) -> int | None:
@@ -221,8 +333,10 @@ def _max_positions(mm) -> int | None:
     return int(v) if v else None
 
 
-def bench(mm, variants: Sequence[Variant], cfg: BenchConfig | None = None, *, progress: bool = True) -> dict:
-    """Benchmark ``variants`` on the loaded model ``mm``; returns the result dict (see module docstring)."""
+def bench(mm, variants: Sequence[Variant], cfg: BenchConfig | None = None, *, progress: bool = True,
+          note: Callable[[str], None] | None = None) -> dict:
+    """Benchmark ``variants`` on the loaded model ``mm``; returns the result dict (see module docstring).
+    ``note``: told when the default prompt lengths were shrunk to fit the model."""
     from hookmoe.compat import experts_implementation
     from hookmoe.routing.plan import Plan
     from hookmoe.speed.runtime import Runtime, reference_generate, set_experts
@@ -240,7 +354,10 @@ def bench(mm, variants: Sequence[Variant], cfg: BenchConfig | None = None, *, pr
         Plan.parse(v.plan).resolve(mm)
         if v.hook and not (v.hook == "random" or v.hook.startswith("random:")) and not Path(v.hook).is_dir():
             raise BenchError(f"hook directory not found: {v.hook} (or use random[:LAYER] for an untrained hook)")
-    lengths = [int(t) for t in cfg.lengths]
+    lengths, lengths_note = _fit_lengths(mm, cfg)
+    if lengths_note and note is not None:
+        note(lengths_note)
+    decode_tokens = cfg.decode_tokens or ("random" if _random_weights(mm) else "greedy")
     maxpos = _max_positions(mm)
     need = max([t + 1 for t in lengths] + [cfg.itl_prompt + cfg.new_tokens])
     if maxpos is not None and need > maxpos:
@@ -253,12 +370,12 @@ def bench(mm, variants: Sequence[Variant], cfg: BenchConfig | None = None, *, pr
     itl_ids = torch.randint(lo, vocab, (cfg.batch_size, cfg.itl_prompt), generator=gen).to(dev)
     n_probe = max(2, min(8, cfg.new_tokens or 8))
     forced = None
-    if cfg.decode_tokens == "random" and cfg.new_tokens:
+    if decode_tokens == "random" and cfg.new_tokens:
         forced = torch.randint(lo, vocab, (cfg.batch_size, cfg.new_tokens - 1), generator=gen).to(dev)
 
     orig_impl = experts_implementation(mm.model)
     impls = {"fast": "hookmoe", "reference": orig_impl if orig_impl != "hookmoe" else "grouped_mm"}
-    rt = Runtime(mm, compile=cfg.compile, clock=cfg.clock)  # sets the hookmoe experts; restored at the end
+    rt = Runtime(mm, compile=cfg.compile_mode, clock=cfg.clock)  # sets the hookmoe experts; restored at the end
 
     def run(v: Variant, ids, n: int):
         feed = forced[:, : n - 1] if forced is not None and n > 1 and ids is itl_ids else None
@@ -307,7 +424,11 @@ def bench(mm, variants: Sequence[Variant], cfg: BenchConfig | None = None, *, pr
         set_experts(mm, orig_impl)
     desc = rt.describe()
     desc["reference_experts"] = impls["reference"]
-    return _assemble(mm, variants, cfg, lengths, samples, info, checks, desc)
+    res = _assemble(mm, variants, cfg, lengths, samples, info, checks, desc)
+    res["settings"]["decode_tokens"] = decode_tokens
+    if lengths_note:
+        res["settings"]["lengths_note"] = lengths_note
+    return res
 
 
 def _calibrate(mm, variants, cfg: BenchConfig, ids, impls) -> None:
