@@ -80,7 +80,6 @@ def parse_args(argv=None):
 
 
 def build_exports(args, workdir: Path):
-    import torch
 
     from hookmoe.hook import insert_hooks, remove_hooks
     from hookmoe.serving import export_for_engine

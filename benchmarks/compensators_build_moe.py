@@ -6,7 +6,6 @@ demo's data seeds and budgets, and save it for benchmarks/compensators_demo.py.
 import sys
 import time
 
-import torch
 
 from hookmoe import cmoe as cv
 from hookmoe.data.blocks import make_blocks

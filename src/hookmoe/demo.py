@@ -177,7 +177,6 @@ def _ppl(target, blocks: torch.Tensor, plan: Any = None, progress: bool = True, 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns the result dict that is also written to ``<out>/demo.json``."""
-    from hookmoe import cmoe as cv
 
     cfg = resolve_budgets(cfg)
     if cfg.threads:

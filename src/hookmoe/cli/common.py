@@ -32,10 +32,6 @@ console = Console(markup=False)
 err_console = Console(stderr=True, markup=False)
 
 
-from hookmoe.models.loading import MODEL_HELP  # noqa: E402  (one definition each, in the library)
-from hookmoe.routing.plan import PLAN_HELP  # noqa: E402
-
-
 def fail(message: str) -> None:
     """Print one error line and exit with status 2 (bad input). ``message`` is plain text: whatever the user typed
     or a file held is shown as is, never read as markup."""
@@ -96,60 +92,6 @@ def check_json_out(path: Optional[Path], flag: str = "--json") -> Optional[Path]
 
 #: What a command wants said on Ctrl-C (what was kept, how to resume); set by the command while it works.
 INTERRUPTED = contextvars.ContextVar("hookmoe_interrupted", default=None)
-
-
-def load_model(model: str, plan: Optional[str] = None, hook: Optional[Path] = None, device: str = "auto",
-               dtype: str = "auto", seed: int = 0):
-    """Load MODEL for a command, with the command's ``--device-map/--max-memory/--offload-folder``."""
-    from hookmoe.hook import load
-
-    return load(model, plan=plan, hook=hook, device=device, dtype=dtype, seed=seed, **placement_kwargs())
-
-
-# ---- --device-map / --max-memory / --offload-folder: one set of options for every command that loads a model ----
-_PLACEMENT: dict = {}
-
-
-def placement_kwargs() -> dict:
-    """The placement options of the running command (empty when none was given), for ``hookmoe.load``."""
-    return {k: v for k, v in _PLACEMENT.items() if v is not None}
-
-
-def placement_options(fn):
-    """Add ``--device-map``, ``--max-memory`` and ``--offload-folder`` to a typer command; :func:`load_model` (or
-    ``**placement_kwargs()``) passes them to transformers/accelerate. Apply below ``@app.command``."""
-    import functools
-    import inspect
-    import typing
-
-    hints = typing.get_type_hints(fn)
-    extra = {
-        "device_map": (Optional[str], typer.Option(
-            None, "--device-map", help="place the model across devices with accelerate: auto | balanced | "
-            "balanced_low_0 | sequential | FILE.json ({module: device})")),
-        "max_memory": (Optional[str], typer.Option(
-            None, "--max-memory", help="memory per device for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")),
-        "offload_folder": (Optional[Path], typer.Option(
-            None, "--offload-folder", help="folder for weights that do not fit --max-memory (disk offload)")),
-    }
-    sig = inspect.signature(fn)
-    params = list(sig.parameters.values()) + [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=tp)
-        for name, (tp, opt) in extra.items()]
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        _PLACEMENT.clear()
-        _PLACEMENT.update({k: kwargs.pop(k, None) for k in extra})
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _PLACEMENT.clear()
-
-    wrapper.__signature__ = sig.replace(parameters=params)
-    wrapper.__annotations__ = dict(hints, **{k: tp for k, (tp, _) in extra.items()})
-    del wrapper.__wrapped__  # typer must read the new signature
-    return wrapper
 
 
 def default_plan(mm, plan: Optional[str]):

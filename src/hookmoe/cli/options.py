@@ -50,10 +50,10 @@ def options_signature(cls: type) -> inspect.Signature:
     hints = typing.get_type_hints(cls)
     fields = cli_fields(cls)
     # --help order: arguments, then the command's own options, then those of the groups it inherits
-    depth = {}
+    depth = {}  # a field stays with the most basic class that declares it (a subclass may only change a default)
     for i, klass in enumerate(cls.__mro__):
         for name in vars(klass).get("__annotations__", {}):
-            depth.setdefault(name, i)
+            depth[name] = i
     fields.sort(key=lambda f: (not f.metadata.get("positional"), depth.get(f.name, 0)))
     params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_info(f), annotation=hints[f.name])
               for f in fields]

@@ -180,7 +180,6 @@ def calibrate_routers(
     rank_target, mse_weight = resolve_calibration_target(cmoe_model.moe_blocks()[0].gate.num_experts,
                                                          rank_target, mse_weight)
     blocks = calib_blocks.long()
-    device = next(cmoe_model.parameters()).device
     dense_layers = _decoder_layers(dense_model)
     if len(dense_layers) != len(cmoe_model.moe_blocks()):
         raise ConversionError("dense and CMoE models have different numbers of layers")
@@ -188,18 +187,10 @@ def calibrate_routers(
     cmoe_model.eval()
 
     metrics: dict[str, Any] = {
-        "objective": objective,
-        "steps": steps,
-        "lr": lr,
-        "batch_size": batch_size,
-        "tokens_per_step": tokens_per_step,
-        "rank_weight": rank_weight,
-        "mse_weight": mse_weight,
-        "refresh_every": refresh_every,
-        "rank_target": rank_target,
-        "calib_blocks": int(blocks.shape[0]),
-        "calib_seq_len": int(blocks.shape[1]),
-        "top_k": cmoe_model.moe_blocks()[0].gate.top_k,
+        "objective": objective, "steps": steps, "lr": lr, "batch_size": batch_size,
+        "tokens_per_step": tokens_per_step, "rank_weight": rank_weight, "mse_weight": mse_weight,
+        "refresh_every": refresh_every, "rank_target": rank_target, "calib_blocks": int(blocks.shape[0]),
+        "calib_seq_len": int(blocks.shape[1]), "top_k": cmoe_model.moe_blocks()[0].gate.top_k,
     }
     t0 = time.perf_counter()
     if eval_blocks is not None:
@@ -217,22 +208,13 @@ def calibrate_routers(
         for step in progress_bars.iterate(range(steps), steps, f"router calibration ({objective})", progress):
             if local and (data is None or (refresh_every and step % refresh_every == 0)):
                 tg = time.perf_counter()
-                data = None
+                data = None  # free the old record before taking the new one
                 data = _gather_layer_data(cmoe_model, dense_layers, blocks, batch_size, False, mse_weight > 0,
                                           rank_target, dense_model)
                 gather_s += time.perf_counter() - tg
-            loss = 0.0
-            if local:
-                n_tok = data[0]["x"].shape[0]
-                idx = torch.randint(n_tok, (min(tokens_per_step, n_tok),), generator=gen)
-                loss = _local_loss(cmoe_model, data, idx, rank_weight, mse_weight)
-            if objective in ("kl", "both"):
-                pick = torch.randint(blocks.shape[0], (min(batch_size, blocks.shape[0]),), generator=gen)
-                ids = blocks[pick].to(device)
-                with torch.no_grad():
-                    teacher = dense_model(input_ids=ids, use_cache=False).logits
-                student = cmoe_model(input_ids=ids, use_cache=False).logits
-                loss = loss + _kl_per_token(teacher, student).mean()
+            loss = _calibration_loss(cmoe_model, dense_model, data, blocks, objective, gen,
+                                     tokens_per_step=tokens_per_step, batch_size=batch_size,
+                                     rank_weight=rank_weight, mse_weight=mse_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -242,3 +224,22 @@ def calibrate_routers(
     metrics["gather_seconds"] = round(gather_s, 2)
     _finish_metrics(metrics, losses, cmoe_model, dense_model, eval_blocks, batch_size, "router_calibration")
     return metrics
+
+
+def _calibration_loss(cmoe_model, dense_model, data, blocks: torch.Tensor, objective: str, gen: torch.Generator, *,
+                      tokens_per_step: int, batch_size: int, rank_weight: float, mse_weight: float) -> torch.Tensor:
+    """One step's loss: the layer-local terms on random recorded tokens and / or the KL to the dense logits on
+    random blocks."""
+    loss = torch.zeros(())
+    if objective in ("mlp", "both"):
+        n_tok = data[0]["x"].shape[0]
+        idx = torch.randint(n_tok, (min(tokens_per_step, n_tok),), generator=gen)
+        loss = _local_loss(cmoe_model, data, idx, rank_weight, mse_weight)
+    if objective in ("kl", "both"):
+        pick = torch.randint(blocks.shape[0], (min(batch_size, blocks.shape[0]),), generator=gen)
+        ids = blocks[pick].to(next(cmoe_model.parameters()).device)
+        with torch.no_grad():
+            teacher = dense_model(input_ids=ids, use_cache=False).logits
+        student = cmoe_model(input_ids=ids, use_cache=False).logits
+        loss = loss + _kl_per_token(teacher, student).mean()
+    return loss

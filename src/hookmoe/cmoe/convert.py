@@ -32,7 +32,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -389,14 +389,26 @@ def convert_dense(
 
     # 4. build the MoE model ------------------------------------------------------------------
     t0 = time.perf_counter()
-    moe_config = HookmoeCMoEConfig(
-        text_config=_text_config_dict(config),
-        num_experts=num_experts,
-        num_shared_experts=num_shared,
-        num_experts_per_tok=top_k,
-        moe_intermediate_size=size,
-        hidden_act=dense_activation_name(config),
-    )
+    moe = _build_moe(model, assignments, num_experts=num_experts, num_shared=num_shared, top_k=top_k, size=size)
+    t_build = time.perf_counter() - t0
+    if was_training:
+        model.train()
+    moe.cmoe_info = _conversion_record(
+        config, tokenizer, assignments, calib_blocks, num_experts=num_experts, num_shared=num_shared, top_k=top_k,
+        size=size, activation_topk=activation_topk, kmeans_iters=kmeans_iters, seed=seed,
+        timings={"profile": t_profile, "cluster": t_cluster, "build": t_build,
+                 "total": time.perf_counter() - t_start})
+    accelerate(moe)  # on the CPU: its linears on the faster kernel, as for every model hookmoe loads
+    return moe
+
+
+def _build_moe(model, assignments: list, *, num_experts: int, num_shared: int, top_k: int,
+               size: int) -> HookmoeCMoEForCausalLM:
+    """The CMoE model: the dense model's config and non-FFN weights, each FFN's neurons carved into experts."""
+    config = model.config
+    moe_config = HookmoeCMoEConfig(text_config=_text_config_dict(config), num_experts=num_experts,
+                                   num_shared_experts=num_shared, num_experts_per_tok=top_k,
+                                   moe_intermediate_size=size, hidden_act=dense_activation_name(config))
     with _no_init():  # every parameter is overwritten below; buffers are copied from the dense model
         moe = HookmoeCMoEForCausalLM(moe_config)
     moe.to(device=_build_device(model), dtype=placement.model_dtype(model))
@@ -404,49 +416,38 @@ def convert_dense(
     if moe_config.tie_word_embeddings:
         moe.tie_weights()
     moe.generation_config = copy.deepcopy(model.generation_config)
-    moe.eval()
-    t_build = time.perf_counter() - t0
-    if was_training:
-        model.train()
+    return moe.eval()
 
+
+def _conversion_record(config, tokenizer, assignments: list, calib_blocks: torch.Tensor, *, num_experts: int,
+                       num_shared: int, top_k: int, size: int, activation_topk: int, kmeans_iters: int, seed: int,
+                       timings: dict[str, float]) -> dict[str, Any]:
+    """``cmoe_info`` (written to ``cmoe.json``): shapes, calibration data, timings, neuron-assignment stats."""
+    ffn = int(config.intermediate_size)
     layer_stats = [a[3] for a in assignments]
     active = (num_shared + top_k) * size
-    moe.cmoe_info = {
+
+    def mean(key: str) -> float:
+        return float(np.mean([st[key] for st in layer_stats]))
+
+    return {
         "method": "CMoE (activation-profiled shared experts + balanced k-means routed experts)",
         "base_model": getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None),
         "base_model_type": config.model_type,
         "tokenizer": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
-        "ffn_size": ffn,
-        "num_experts": num_experts,
-        "num_shared_experts": num_shared,
-        "num_experts_per_tok": top_k,
-        "moe_intermediate_size": size,
-        "active_ffn_neurons": active,
-        "active_ffn_fraction": active / ffn,
-        "activation_topk": activation_topk,
-        "kmeans_iters_max": kmeans_iters,
-        "seed": seed,
-        "calib_blocks": int(calib_blocks.shape[0]),
-        "calib_seq_len": int(calib_blocks.shape[1]),
+        "ffn_size": ffn, "num_experts": num_experts, "num_shared_experts": num_shared, "num_experts_per_tok": top_k,
+        "moe_intermediate_size": size, "active_ffn_neurons": active, "active_ffn_fraction": active / ffn,
+        "activation_topk": activation_topk, "kmeans_iters_max": kmeans_iters, "seed": seed,
+        "calib_blocks": int(calib_blocks.shape[0]), "calib_seq_len": int(calib_blocks.shape[1]),
         "calib_tokens": int(calib_blocks.numel()),
-        "timings_s": {
-            "profile": round(t_profile, 3),
-            "cluster": round(t_cluster, 3),
-            "build": round(t_build, 3),
-            "total": round(time.perf_counter() - t_start, 3),
-        },
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "assignment_stats": {
-            "mean_kmeans_iters": float(np.mean([s["kmeans_iters"] for s in layer_stats])),
-            "shared_rate_mean": float(np.mean([s["shared_rate_mean"] for s in layer_stats])),
-            "routed_rate_mean": float(np.mean([s["routed_rate_mean"] for s in layer_stats])),
-            "marker_mass_shared": float(np.mean([s["marker_mass_shared"] for s in layer_stats])),
-            "never_marked_frac": float(np.mean([s["never_marked_frac"] for s in layer_stats])),
-            "per_layer": layer_stats,
+            "mean_kmeans_iters": mean("kmeans_iters"), "shared_rate_mean": mean("shared_rate_mean"),
+            "routed_rate_mean": mean("routed_rate_mean"), "marker_mass_shared": mean("marker_mass_shared"),
+            "never_marked_frac": mean("never_marked_frac"), "per_layer": layer_stats,
         },
         "router_calibration": None,
     }
-    accelerate(moe)  # on the CPU: its linears on the faster kernel, as for every model hookmoe loads
-    return moe
 
 
 def _expert_weights(mlp, assignment, num_experts: int, num_shared: int) -> dict[str, torch.Tensor]:

@@ -108,6 +108,18 @@ def _warmup_cosine(step: int, steps: int, floor: float = 0.1) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def _distill_loss(cmoe_model, dense_model, ids: torch.Tensor, hidden_weight: float) -> torch.Tensor:
+    """Mean per-token KL(dense || MoE) on ``ids`` [B, T], plus ``hidden_weight`` x the layer-wise hidden distance."""
+    hidden = hidden_weight > 0
+    with torch.no_grad():
+        t_out = dense_model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    s_out = cmoe_model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    loss = _kl_per_token(t_out.logits, s_out.logits).mean()
+    if hidden:
+        loss = loss + hidden_weight * _hidden_distance(t_out.hidden_states, s_out.hidden_states)
+    return loss
+
+
 def distill_moe(
     cmoe_model: HookmoeCMoEForCausalLM,
     dense_model,
@@ -162,23 +174,15 @@ def distill_moe(
     device = next(cmoe_model.parameters()).device
     dense_model.eval()
     metrics: dict[str, Any] = {
-        "objective": "kl(dense || moe) on logits"
-        + (f" + {hidden_weight} x layer-wise hidden" if hidden_weight else ""),
-        "hidden_weight": hidden_weight,
-        "train": train,
-        "steps": steps,
-        "lr": lr,
-        "batch_size": batch_size,
-        "train_blocks": int(blocks.shape[0]),
-        "seq_len": int(blocks.shape[1]),
-        "trainable_params": int(sum(p.numel() for p in params)),
-        "top_k": cmoe_model.moe_blocks()[0].gate.top_k,
+        "objective": "kl(dense || moe) on logits" + (f" + {hidden_weight} x layer-wise hidden" if hidden_weight else ""),
+        "hidden_weight": hidden_weight, "train": train, "steps": steps, "lr": lr, "batch_size": batch_size,
+        "train_blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]),
+        "trainable_params": int(sum(p.numel() for p in params)), "top_k": cmoe_model.moe_blocks()[0].gate.top_k,
     }
     if eval_blocks is not None:
         metrics["before"] = heldout_kl(cmoe_model, dense_model, eval_blocks, batch_size)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    hidden = hidden_weight > 0
     curve = [] if eval_every and eval_blocks is not None else None
     t0 = time.perf_counter()
     with _only_trainable(cmoe_model, params):
@@ -187,14 +191,7 @@ def distill_moe(
         bar = progress_bars.iterate(range(steps), steps, f"MoE fine-tune ({train})", progress)
         for _ in bar:
             pick = torch.randint(blocks.shape[0], (min(batch_size, blocks.shape[0]),), generator=gen)
-            ids = blocks[pick].to(device)
-            with torch.no_grad():
-                t_out = dense_model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-            s_out = cmoe_model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-            loss = _kl_per_token(t_out.logits, s_out.logits).mean()
-            if hidden:
-                loss = loss + hidden_weight * _hidden_distance(t_out.hidden_states, s_out.hidden_states)
-            del t_out, s_out
+            loss = _distill_loss(cmoe_model, dense_model, blocks[pick].to(device), hidden_weight)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"MoE fine-tune: non-finite loss at step {len(losses)}; lower the learning rate")
             opt.zero_grad(set_to_none=True)

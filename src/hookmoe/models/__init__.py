@@ -16,7 +16,7 @@ experts and the expert intermediate size. No routing logic is written per archit
 
 from .accounting import per_expert_params, param_counts, paper_active_params, expert_flops_per_token
 from .adapters import Adapter, ADAPTERS, TINY_ARCHS, UNSUPPORTED_MOE, DENSE_CONVERTIBLE, supported_text
-from .loading import OFFLINE_MODELS, resolve_device, resolve_dtype, offline_gguf, load_causal_lm, load
+from .loading import OFFLINE_MODELS, resolve_device, resolve_dtype, offline_gguf, load_causal_lm, load, LoadOptions
 from .memory import GIB, DTYPE_BYTES, MemoryError_, dtype_bytes, load_config, skeleton, attention_shape, sliding_windows, kv_cache_bytes, plan_ks, attention_activation_bytes, ffn_activation_bytes, estimate_memory, parse_layers, memory_rows
 from .moe_model import MoELayer, MoEModel
 from .tiny import tiny_tokenizer, tiny_config, build_tiny
@@ -41,6 +41,7 @@ __all__ = [
     "offline_gguf",
     "load_causal_lm",
     "load",
+    "LoadOptions",
     "GIB",
     "DTYPE_BYTES",
     "MemoryError_",

@@ -34,7 +34,7 @@ step, which is checkpointed) with a one-line :class:`TrainingError`.
 """
 
 from .checkpoint import read_log
-from .config import OBJECTIVES, DEFAULT_OBJECTIVE, SCHEDULES, AMP_MODES, CHECKPOINT_DIR, LOG_NAME, PLOT_NAME, TRAINER_STATE, CKPT_FORMAT, TrainConfig, TrainResult
+from .config import OBJECTIVES, DEFAULT_OBJECTIVE, SCHEDULES, AMP_MODES, CHECKPOINT_DIR, LOG_NAME, PLOT_NAME, TRAINER_STATE, CKPT_FORMAT, TrainConfig, TrainOptions, TrainResult, TrainSettings
 from .loop import hook_eval, train_hook, HookTraining
 from .losses import lm_loss, kd_loss, kd_loss_topk, hidden_loss
 from .schedule import lr_at
@@ -51,7 +51,9 @@ __all__ = [
     "TRAINER_STATE",
     "CKPT_FORMAT",
     "TrainConfig",
+    "TrainOptions",
     "TrainResult",
+    "TrainSettings",
     "hook_eval",
     "train_hook",
     "HookTraining",
