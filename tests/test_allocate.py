@@ -76,6 +76,31 @@ def test_sensitivity_allocators_cut_the_cheap_layer_and_raise_the_one_that_gains
     assert act == 3.5 and per == {i: float(k) for i, k in ks.items()}
 
 
+def test_a_table_plan_is_kept_only_when_it_measures_better_than_uniform(qw):
+    """With calibration data and a whole Act, dp checks its plan against uniform top-k on that data and keeps the
+    better (the planted table says layer 0 gains from 5 experts; whatever the tiny model says, the kept plan is the
+    one with the lower measured NLL, and the record holds both)."""
+    from hookmoe.eval.perplexity import perplexity_core
+    from hookmoe.routing.patch import routing_scope
+
+    cb = _blocks(3, 32)
+    plan = al.allocate(qw, "dp", target_act=3.0, sensitivity=_planted(), calib=cb)
+    guard = plan.meta["allocation"]["uniform_check"]
+    assert guard["kept"] in ("uniform", "allocated") and guard["tokens"] == cb.numel()
+    ks = {int(i): k for i, k in plan.meta["allocation"]["ks"].items()}
+    if guard["kept"] == "uniform":
+        assert set(ks.values()) == {3} and guard["nll_uniform"] <= guard["nll_allocated"]
+    else:
+        assert len(set(ks.values())) > 1 and guard["nll_allocated"] < guard["nll_uniform"]
+    with routing_scope(qw, plan):
+        kept_nll = perplexity_core(qw, cb, batch_size=8)["nll"]
+    assert kept_nll == pytest.approx(min(guard["nll_uniform"], guard["nll_allocated"]), rel=1e-6)
+    # a plan that cannot be uniform (Act 3.25 is not a whole k) or no data: no check, the table's plan as it is
+    assert "uniform_check" not in al.allocate(qw, "dp", target_act=3.25, sensitivity=_planted(), calib=cb).meta[
+        "allocation"]
+    assert "uniform_check" not in al.allocate(qw, "dp", target_act=3.0, sensitivity=_planted()).meta["allocation"]
+
+
 def test_tolerance_mode_predicts_from_the_measured_nll():
     class M:  # only what the table allocators read
         native_top_k, max_top_k, moe_layer_indices = 4, 16, [0, 1, 2, 3]
