@@ -353,7 +353,8 @@ def _allocator_rows(table: _Table, a: str, act: float, comps: list[str], s: Fron
                 handle["remove"]()
         row = {"target_act": act, "method": a if c == "none" else f"{a} + {c}", "kind": "allocator",
                "allocator": a, "compensator": c, "plan": plan.base, "ks": info.get("ks"),
-               "exact": info.get("exact"), "predicted_cost": info.get("predicted_cost"), **res,
+               "exact": info.get("exact"), "predicted_cost": info.get("predicted_cost"),
+               "uniform_check": info.get("uniform_check"), **res,
                "alloc_s": t_alloc, "wall_s": time.perf_counter() - t + t_alloc}
         if info.get("note"):
             row["note"] = info["note"]
