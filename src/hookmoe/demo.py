@@ -1,9 +1,10 @@
 """``hookmoe demo``: the whole story, offline, on a real-weight model (CPU, minutes).
 
-dense SmolLM2-135M (or Gemma-3-270M) → CMoE conversion → router calibration → KD fine-tune of the
-experts against the dense model → perplexity on held-out
-text for: dense, MoE at native k, MoE at reduced k (uniform and TLNLE), MoE at reduced k + a trained Hook
-→ a report directory (table, JSON, plot, hook artifact).
+dense SmolLM2-135M (or Gemma-3-270M) → CMoE conversion → router calibration → KD fine-tune of the experts against
+the dense model → per-layer sensitivity and a per-layer allocation of the reduced Act (dp by default) → Hooks (or
+another compensator) trained under that plan → perplexity on held-out text for: dense, MoE at native k, uniform
+reduced k, TLNLE, the allocated plans with and without the Hooks → a report directory (table, JSON, quality-vs-Act
+plot with the Pareto frontier, the compensator artifact, the converted MoE).
 
 Calibration, router calibration, fine-tuning and hook training use the ``train`` split of the offline corpus;
 perplexity is measured on the ``heldout`` split, which shares no document with it (data.py).
@@ -115,8 +116,9 @@ class DemoConfig(Options):
             parse_layer_list(self.hook_layers, what="--hook-layers")  # syntax now; the range once the model is loaded
 
 
-# Budgets that keep the demo within 15 minutes on 2 CPU cores, per offline model (any other model gets
-# SmolLM2's). SmolLM2-135M: 13 min 42 s (benchmarks/results/demo_smollm2/). Gemma-3-270M's 262k-token vocabulary
+# Budgets that keep the demo within about 15 minutes on 2 CPU cores, per offline model (any other model gets
+# SmolLM2's). SmolLM2-135M: 13 min 42 s for the session-7 flow; the dp flow adds ~75 s on that host
+# (benchmarks/results/demo_smollm2/README.md: today's host is 1.6x slower, 23 min 39 s). Gemma-3-270M's 262k-token vocabulary
 # makes every step ~2x dearer: the fine-tune is off (20 steps after router calibration made its native k worse,
 # 28.03 -> 36.66) and the Hooks get 40 steps: 14 min 06 s, Hooks recover 47.8 % (benchmarks/results/demo_gemma3/).
 MODEL_BUDGETS = {
@@ -177,7 +179,6 @@ def _ppl(target, blocks: torch.Tensor, plan: Any = None, progress: bool = True, 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns the result dict that is also written to ``<out>/demo.json``."""
-
     cfg = resolve_budgets(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
