@@ -41,3 +41,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_cli(argv, capsys):
+    """Run ``hookmoe ARGV`` in-process; returns (exit status, stdout, stderr)."""
+    from hookmoe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err

@@ -3,11 +3,12 @@
 import json
 
 import pytest
+
+from conftest import run_cli
 import torch
 
 import hookmoe.speed as B
 from hookmoe.speed import runtime as R
-from hookmoe.cli import main
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -19,11 +20,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+run = run_cli  # conftest: hookmoe ARGV in-process -> (status, stdout, stderr)
 
 
 FAST = ["--lengths", "16,32", "--new-tokens", "4", "--itl-prompt", "8", "--repeats", "2", "--no-progress"]

@@ -6,15 +6,11 @@ import sys
 
 import pytest
 
-from conftest import ARCHS
+from conftest import ARCHS, run_cli
 from hookmoe.cli import main
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+run = run_cli  # conftest: hookmoe ARGV in-process -> (status, stdout, stderr)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

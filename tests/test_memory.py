@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from hookmoe.cli import main
+from conftest import run_cli
+
 from hookmoe.models.memory import estimate_memory
 
 # Mixtral-8x7B's shape (https://huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json)
@@ -25,11 +26,7 @@ TOTAL = L * (NON_EXPERT_LAYER + E * EXPERT) + 2 * V * H + H
 DENSE_PART = TOTAL - L * E * EXPERT
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+run = run_cli  # conftest: hookmoe ARGV in-process -> (status, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

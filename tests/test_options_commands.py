@@ -8,7 +8,9 @@ import re
 
 import pytest
 
-from hookmoe.cli import build_app, main
+from conftest import run_cli
+
+from hookmoe.cli import build_app
 from hookmoe.cli.info import GenerateOptions, InfoOptions
 from hookmoe.cmoe.convert import ConvertOptions
 from hookmoe.eval.run import EvalOptions
@@ -33,11 +35,7 @@ def _command(name):
     return get_command(build_app()).get_command(None, name)
 
 
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+_run = run_cli  # conftest: hookmoe ARGV in-process -> (status, stdout, stderr)
 
 
 @pytest.mark.parametrize("name", COMMANDS)
