@@ -21,6 +21,7 @@ import hookmoe
 from hookmoe.data.blocks import make_blocks
 from hookmoe.demo import DemoConfig, resolve_budgets
 from hookmoe.eval.perplexity import perplexity
+from hookmoe.files import check_output, write_json
 from hookmoe.machine import machine_info
 from hookmoe.routing.plan import Plan
 from hookmoe.training import train_hook
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    check_output(a.out, kind="file", flag="--out")  # an existing result is never replaced (minutes before it)
     demo = json.loads((a.demo_dir / "demo.json").read_text())
     cfg = resolve_budgets(DemoConfig(model=demo["config"]["model"]))
     mm = hookmoe.load(str(a.demo_dir / "moe"), device="cpu", dtype="float32")
@@ -60,7 +62,7 @@ def main() -> None:
            "ppl": ppl, "native_ppl": native, "uniform_top3_ppl": uniform,
            "vs_native_pct": 100 * (ppl / native - 1), "gap_recovered_pct": 100 * (uniform - ppl) / (uniform - native),
            "demo_90_steps_ppl": rows.get("MoE dp (Act 3) + Hooks@all 30 layers"), "machine": machine_info()}
-    a.out.write_text(json.dumps(out, indent=1))
+    write_json(a.out, out)
     print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1))
 
 

@@ -22,6 +22,7 @@ import torch
 
 import hookmoe
 from hookmoe.data.blocks import make_blocks
+from hookmoe.files import write_json
 
 # a larger-than-tiny shape (still seconds per step on 2 cores) so the experts can specialise
 SHAPES = {
@@ -90,7 +91,7 @@ def main() -> None:
     res = json.loads((a.out / "frontier.json").read_text())
     res["trained_model"] = record
     res["command"] = "PYTHONPATH=src python benchmarks/frontier_tiny_trained.py " + " ".join(sys.argv[1:])
-    (a.out / "frontier.json").write_text(json.dumps(res, indent=1))
+    write_json(a.out / "frontier.json", res)
 
 
 if __name__ == "__main__":
